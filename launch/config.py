@@ -1,0 +1,135 @@
+"""Compose the Hydra tree into a typed ``RunConfig`` and check it before anything starts.
+
+``validate`` returns every problem at once, one line each, naming the dotted field, its
+value and what would be valid: a user fixes a bad sweep in one edit, not ten reruns.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from launch.schema import Layout, RunConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """The composed configuration cannot run; the message lists every problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="base_config", node=RunConfig)
+
+
+def compose(overrides: list[str] = (), run_dir: str = "unused") -> DictConfig:
+    """Compose ``conf/`` outside a Hydra app (tools, tests); same result as ``python -m launch``."""
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[*overrides, f"run_dir={run_dir}"])
+    return cfg
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """The typed object; interpolations are resolved here, once."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def load(path: str | Path) -> RunConfig:
+    """Read a ``config.yaml`` written by the launcher (what every rank does first)."""
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+    return to_run_config(merged)
+
+
+def derive_layout(cfg: RunConfig) -> Layout:
+    """The explicit layout of ``cfg.parallel``; DP fills what TP*PP*CP leave of the world."""
+    p = cfg.parallel
+    dp = p.dp if p.dp is not None else max(cfg.cluster.world_size // (p.tp * p.pp * p.cp), 1)
+    return Layout(tp=p.tp, pp=p.pp, cp=p.cp, dp=dp, vpp=p.vpp, sp=p.sp)
+
+
+def _layout_problems(cfg: RunConfig, layout: Layout) -> list[str]:
+    m, t, world = cfg.model, cfg.train, cfg.cluster.world_size
+    out: list[str] = []
+    if layout.world_size != world:
+        valid = [d for d in range(1, world + 1) if world % d == 0]
+        out.append(
+            f"parallel: tp*pp*cp*dp = {layout.tp}*{layout.pp}*{layout.cp}*{layout.dp} = "
+            f"{layout.world_size} must equal the world size cluster.nodes*cluster.gpus_per_node"
+            f" = {world}; tp*pp*cp must be one of {valid}")
+    if layout.tp > cfg.cluster.gpus_per_node:
+        out.append(f"parallel.tp={layout.tp} exceeds cluster.gpus_per_node="
+                   f"{cfg.cluster.gpus_per_node}; tensor parallelism stays within one node")
+    if m.num_attention_heads % layout.tp:
+        out.append(f"parallel.tp={layout.tp} must divide model.num_attention_heads="
+                   f"{m.num_attention_heads}")
+    if m.num_query_groups % layout.tp:
+        out.append(f"parallel.tp={layout.tp} must divide model.num_query_groups="
+                   f"{m.num_query_groups}")
+    stages = layout.pp * layout.vpp
+    if m.num_layers % stages:
+        out.append(f"model.num_layers={m.num_layers} must be divisible by parallel.pp*parallel.vpp"
+                   f" = {stages} (every pipeline stage holds the same number of layers)")
+    if t.global_batch_size % (t.micro_batch_size * layout.dp):
+        out.append(f"train.global_batch_size={t.global_batch_size} must be divisible by "
+                   f"train.micro_batch_size*dp = {t.micro_batch_size}*{layout.dp}")
+    elif layout.vpp > 1 and (t.global_batch_size // (t.micro_batch_size * layout.dp)) % layout.pp:
+        out.append("interleaved pipelining (parallel.vpp > 1) needs the number of micro-batches "
+                   f"train.global_batch_size/(train.micro_batch_size*dp) to be a multiple of "
+                   f"parallel.pp={layout.pp}")
+    if layout.cp > 1 and t.seq_length % (2 * layout.cp):
+        out.append(f"train.seq_length={t.seq_length} must be divisible by 2*parallel.cp = "
+                   f"{2 * layout.cp} (context parallelism splits it into 2*cp chunks)")
+    if layout.sp and t.seq_length % layout.tp:
+        out.append(f"train.seq_length={t.seq_length} must be divisible by parallel.tp="
+                   f"{layout.tp} with parallel.sp=true")
+    if layout.sp and m.transformer_impl == "local":
+        out.append("parallel.sp=true needs model.transformer_impl=transformer_engine; the local "
+                   "spec's norm refuses sequence parallelism")
+    return out
+
+
+def validate(cfg: RunConfig, layout: Optional[Layout] = None) -> list[str]:
+    """Every problem with ``cfg`` (and its layout), as one-line messages; empty when valid."""
+    out: list[str] = []
+    for section in (cfg.model, cfg.parallel, cfg.cluster, cfg.train, cfg.optimizer,
+                    cfg.checkpoint, cfg.data, cfg.logging, cfg.resilience):
+        out += section.problems()
+    shapes_ok = not (cfg.model.problems() or cfg.parallel.problems() or cfg.cluster.problems()
+                     or cfg.train.micro_batch_size <= 0 or cfg.train.seq_length <= 0)
+    if not shapes_ok:
+        return out  # the divisibility rules below need positive sizes
+    if cfg.train.seq_length > cfg.model.max_position_embeddings:
+        out.append(f"train.seq_length={cfg.train.seq_length} exceeds "
+                   f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
+    if cfg.train.precision == "fp8" and cfg.model.transformer_impl != "transformer_engine":
+        out.append("train.precision=fp8 needs model.transformer_impl=transformer_engine")
+    if not cfg.parallel.auto:
+        out += _layout_problems(cfg, layout or derive_layout(cfg))
+    return out
+
+
+def check(cfg: RunConfig, layout: Optional[Layout] = None) -> None:
+    problems = validate(cfg, layout)
+    if problems:
+        raise ConfigError(problems)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def with_values(cfg: RunConfig, **changes: Any) -> RunConfig:
+    """A copy of ``cfg`` with dotted-key changes, e.g. ``{"parallel.tp": 2}``."""
+    node = OmegaConf.structured(cfg)
+    for key, value in changes.items():
+        OmegaConf.update(node, key, value, merge=False)
+    return to_run_config(node)

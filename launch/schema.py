@@ -1,0 +1,367 @@
+"""Typed run configuration: the one vocabulary shared by launch, tools and every rank.
+
+Stdlib only, so the planner, the memory predictor and the ranks can import it cheaply.
+Field names follow Megatron (``model.num_layers``, ``parallel.tp``, ``train.seq_length``...).
+Sections stay unfrozen because Hydra needs to apply overrides; the derived ``Layout`` is
+frozen. Each section reports its own problems as messages that name the field, the value
+and what is allowed; ``launch.config.validate`` adds the cross-section rules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+TRANSFORMER_IMPLS = ("transformer_engine", "local")
+ATTENTION_BACKENDS = ("flash", "fused", "unfused")
+PRECISIONS = ("bf16", "fp8", "fp32")
+RECOMPUTE = ("none", "selective", "full")
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+DATA_KINDS = ("synthetic", "indexed")
+CLUSTER_KINDS = ("local", "slurm")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def choice_problem(name: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
+    """One message if ``value`` is not among ``allowed``."""
+    if value in allowed:
+        return []
+    return [f"{name}={value!r} is not allowed; choose one of: {', '.join(allowed)}"]
+
+
+def positive_problem(name: str, value: float) -> list[str]:
+    return [] if value > 0 else [f"{name}={value!r} must be > 0"]
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder: GQA attention, SwiGLU MLP, RMSNorm, RoPE."""
+
+    name: str = "tiny"
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    """Key/value heads (GQA); equal to num_attention_heads for plain multi-head attention."""
+    ffn_hidden_size: int = 352
+    vocab_size: int = 512
+    """Vocabulary the embedding is built for; the tokenizer's must not be larger."""
+    max_position_embeddings: int = 2048
+    rotary_base: int = 500000
+    norm_epsilon: float = 1e-5
+    untie_embeddings_and_output_weights: bool = True
+    make_vocab_size_divisible_by: int = 128
+    """Embedding rows are padded to a multiple of this times TP (Megatron's rule)."""
+    init_method_std: float = 0.02
+    transformer_impl: str = "transformer_engine"
+    """Layer spec: Transformer Engine on GPU; CPU ranks always use the local spec."""
+    attention_backend: str = "flash"
+    """flash or fused kernels, or unfused (materialises the s x s attention scores)."""
+
+    def problems(self) -> list[str]:
+        out = choice_problem("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        out += choice_problem("model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                     "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
+            out += positive_problem(f"model.{name}", getattr(self, name))
+        if out:
+            return out
+        if self.hidden_size % self.num_attention_heads:
+            out.append(f"model.hidden_size={self.hidden_size} must be divisible by "
+                       f"model.num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_query_groups:
+            out.append(f"model.num_query_groups={self.num_query_groups} must divide "
+                       f"model.num_attention_heads={self.num_attention_heads}")
+        return out
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split. ``auto`` asks the planner (tools/planner.py) for the layout."""
+
+    name: str = "dp"
+    auto: bool = False
+    tp: int = 1
+    """Tensor parallel size; kept within one node."""
+    pp: int = 1
+    """Pipeline parallel size."""
+    vpp: int = 1
+    """Virtual pipeline stages per rank (interleaved 1F1B); 1 means not interleaved."""
+    cp: int = 1
+    """Context parallel size (splits the sequence in attention)."""
+    dp: Optional[int] = None
+    """Data parallel size; None derives it as world_size / (tp * pp * cp)."""
+    sp: bool = False
+    """Sequence parallelism for the non-attention parts; needs tp > 1."""
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        for name in ("tp", "pp", "vpp", "cp"):
+            out += positive_problem(f"parallel.{name}", getattr(self, name))
+        if self.dp is not None:
+            out += positive_problem("parallel.dp", self.dp)
+        if self.sp and self.tp == 1:
+            out.append("parallel.sp=true needs parallel.tp > 1 (sequence parallelism splits "
+                       "along the tensor-parallel group)")
+        if self.vpp > 1 and self.pp == 1:
+            out.append(f"parallel.vpp={self.vpp} needs parallel.pp > 1 (virtual stages "
+                       "interleave a real pipeline)")
+        return out
+
+
+@dataclass
+class ClusterConfig:
+    """Where the job runs: the local machine (default) or a Slurm cluster profile."""
+
+    name: str = "local"
+    kind: str = "local"
+    nodes: int = 1
+    gpus_per_node: int = 2
+    """Ranks per node: GPUs on a GPU node, CPU processes on the local cluster."""
+    gpu_memory_gib: float = 80.0
+    cpus_per_task: int = 1
+    debug: bool = False
+    """Local only: run a single rank in the foreground (submitit DebugExecutor); world size 1."""
+    timeout_min: int = 60
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def problems(self) -> list[str]:
+        out = choice_problem("cluster.kind", self.kind, CLUSTER_KINDS)
+        for name in ("nodes", "gpus_per_node", "cpus_per_task", "timeout_min"):
+            out += positive_problem(f"cluster.{name}", getattr(self, name))
+        out += positive_problem("cluster.gpu_memory_gib", self.gpu_memory_gib)
+        if self.debug and (self.kind != "local" or self.world_size != 1):
+            out.append("cluster.debug=true runs one rank in the foreground: it needs "
+                       "cluster.kind=local and cluster.gpus_per_node=1")
+        if self.kind == "local" and self.nodes != 1:
+            out.append(f"cluster.nodes={self.nodes} is not possible with cluster.kind=local; "
+                       "use 1, or a Slurm profile such as cluster=slurm")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    seq_length: int = 128
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    lr_decay_style: str = "cosine"
+    precision: str = "bf16"
+    """bf16 (fp32 master weights) or fp8 on GPU; CPU ranks always compute in fp32."""
+    recompute: str = "none"
+    recompute_num_layers: int = 1
+    seed: int = 1234
+    reproducible_init: bool = False
+    """Draw each weight whole from its global name, so every layout starts from the same model
+    (one full matrix at a time on the CPU: for small and medium models)."""
+    log_interval: int = 10
+
+    def problems(self) -> list[str]:
+        out = choice_problem("train.precision", self.precision, PRECISIONS)
+        out += choice_problem("train.recompute", self.recompute, RECOMPUTE)
+        out += choice_problem("train.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        for name in ("steps", "global_batch_size", "micro_batch_size", "seq_length", "lr",
+                     "log_interval", "recompute_num_layers"):
+            out += positive_problem(f"train.{name}", getattr(self, name))
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            out.append(f"train.min_lr={self.min_lr} must be between 0 and train.lr={self.lr}")
+        if not 0 <= self.warmup_steps < self.steps:
+            out.append(f"train.warmup_steps={self.warmup_steps} must be >= 0 and below "
+                       f"train.steps={self.steps}")
+        return out
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam with decoupled weight decay, as Megatron's FusedAdam/torch AdamW."""
+
+    distributed: bool = True
+    """Shard fp32 master weights and Adam moments over the data-parallel group (ZeRO-1)."""
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                out.append(f"optimizer.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.weight_decay < 0:
+            out.append(f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+        out += positive_problem("optimizer.adam_eps", self.adam_eps)
+        if self.clip_grad < 0:
+            out.append(f"optimizer.clip_grad={self.clip_grad} must be >= 0 (0 disables clipping)")
+        return out
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "???"
+    """Where committed checkpoints live; stable across requeues so a rerun resumes."""
+    save_interval: int = 100
+    """Steps between saves; 0 saves only at the end."""
+    save_on_exit: bool = True
+
+    def problems(self) -> list[str]:
+        return [] if self.save_interval >= 0 else [
+            f"checkpoint.save_interval={self.save_interval} must be >= 0"]
+
+
+@dataclass
+class DataSource:
+    path: str = "???"
+    """Prefix of a Megatron indexed dataset (``<path>.bin`` and ``<path>.idx``)."""
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    kind: str = "indexed"
+    sources: list[DataSource] = field(default_factory=list)
+    tokenizer: str = ""
+    """Path of a Hugging Face ``tokenizer.json`` (a local file; nothing is downloaded)."""
+    split: str = "98,1,1"
+    prepare_demo: bool = False
+    """Build the shipped demo corpus, tokenizer and dataset first if they are missing."""
+
+    def problems(self) -> list[str]:
+        out = choice_problem("data.kind", self.kind, DATA_KINDS)
+        if self.kind == "indexed":
+            if not self.sources:
+                out.append("data.sources is empty; data.kind=indexed needs at least one "
+                           "{path, weight} entry (or use data=synthetic)")
+            if not self.tokenizer:
+                out.append("data.tokenizer is empty; data.kind=indexed needs a tokenizer.json path")
+        for i, source in enumerate(self.sources):
+            out += positive_problem(f"data.sources[{i}].weight", source.weight)
+        parts = self.split.split(",")
+        if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
+            out.append(f"data.split={self.split!r} must be three comma-separated numbers, "
+                       "e.g. '98,1,1'")
+        return out
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"
+    project: str = "slurm-llm"
+    entity: str = ""
+
+
+@dataclass
+class SlackConfig:
+    """Slack incoming-webhook alerts; the URL is read from $SLACK_WEBHOOK_URL on the node."""
+
+    enabled: bool = False
+    min_interval_s: float = 300.0
+    """At most one alert per event kind and rank within this window."""
+    timeout_s: float = 5.0
+    retries: int = 3
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    slack: SlackConfig = field(default_factory=SlackConfig)
+
+    def problems(self) -> list[str]:
+        out = choice_problem("logging.wandb.mode", self.wandb.mode, WANDB_MODES)
+        out += positive_problem("logging.slack.timeout_s", self.slack.timeout_s)
+        if self.slack.min_interval_s < 0:
+            out.append(f"logging.slack.min_interval_s={self.slack.min_interval_s} must be >= 0")
+        return out
+
+
+@dataclass
+class WatchdogConfig:
+    """Hang detection: no completed step within the timeout dumps stacks and exits non-zero."""
+
+    enabled: bool = True
+    timeout_s: Optional[float] = None
+    """None derives it: max(min_timeout_s, step_time_factor * the slowest step seen so far)."""
+    min_timeout_s: float = 300.0
+    step_time_factor: float = 10.0
+    first_step_timeout_s: float = 1800.0
+    """Budget for start-up and the first step (compilation, checkpoint load)."""
+
+
+@dataclass
+class StragglerConfig:
+    """Per-rank step timing gathered every ``report_interval`` steps."""
+
+    enabled: bool = True
+    report_interval: int = 50
+    threshold: float = 1.5
+    """A rank whose compute time exceeds threshold * the median rank's is reported."""
+
+
+@dataclass
+class ResilienceConfig:
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    straggler: StragglerConfig = field(default_factory=StragglerConfig)
+    collective_timeout_s: float = 600.0
+    """torch.distributed timeout: a dead peer becomes an error, not an eternal wait."""
+
+    def problems(self) -> list[str]:
+        out = positive_problem("resilience.watchdog.min_timeout_s", self.watchdog.min_timeout_s)
+        out += positive_problem("resilience.collective_timeout_s", self.collective_timeout_s)
+        out += positive_problem("resilience.straggler.report_interval",
+                                self.straggler.report_interval)
+        if self.straggler.threshold <= 1:
+            out.append(f"resilience.straggler.threshold={self.straggler.threshold} must be > 1 "
+                       "(a slowdown factor relative to the median rank)")
+        if self.watchdog.timeout_s is not None:
+            out += positive_problem("resilience.watchdog.timeout_s", self.watchdog.timeout_s)
+        return out
+
+
+@dataclass
+class LaunchConfig:
+    dry_run: bool = False
+    """Print the resolved config (and the sbatch script on Slurm) without submitting."""
+    wait: bool = True
+    """Local runs: stream rank 0's progress and wait for the job to end."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    run_dir: str = "???"
+    """This launch's folder: config.yaml, logs and the submitted script."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A complete parallel layout; tp * pp * cp * dp == world_size."""
+
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    vpp: int = 1
+    sp: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    def describe(self) -> str:
+        return (f"TP={self.tp} PP={self.pp} VPP={self.vpp} CP={self.cp} DP={self.dp} "
+                f"SP={'on' if self.sp else 'off'}")

@@ -1,0 +1,119 @@
+"""Run unmodified megatron-core on CPU processes over gloo.
+
+megatron-core assumes CUDA in four places (ARCHITECTURE.md, "Facts"): allocations on
+``torch.cuda.current_device()``, tensor factories with a hard-coded ``device="cuda"``,
+``param.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers, and the CUDA RNG
+tracker. ``cpu_mode()`` handles all four for the duration of a run, so the CPU rehearsal
+executes the same model, schedule, DDP and distributed-optimizer code as a GPU job.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+# Tensor.type() strings the optimizers compare against CUDA names.
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+def _is_gpu_device(device: Any) -> bool:
+    if isinstance(device, int):
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Maps every CUDA device argument to the CPU and makes CPU tensors pass CUDA type checks."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_gpu_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        if func in (torch.Tensor.cuda,):
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple(_CPU if _is_gpu_device(a) else a for a in args)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return func(*args, **kwargs)
+
+
+class CpuRNGStatesTracker:
+    """Stands in for megatron's CudaRNGStatesTracker: named states of the CPU generator.
+
+    On a GPU, ``fork()`` swaps the CUDA generator so TP ranks draw different dropout masks
+    while the CPU generator is untouched; on CPU the only generator is the CPU one, so it is
+    the one swapped.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._is_initialized = False
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_ or name in self.states_:
+            raise ValueError(f"rng state {name!r} or seed {seed} already added")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _install_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+@contextlib.contextmanager
+def cpu_mode() -> Iterator[None]:
+    """Everything megatron-core does inside this block runs on the CPU."""
+    replacements = {
+        "current_device": lambda: 0,  # device 0 is mapped to the CPU by _CudaToCpu
+        "synchronize": lambda device=None: None,  # CPU ops are synchronous
+    }
+    saved = {name: getattr(torch.cuda, name) for name in replacements}
+    for name, stand_in in replacements.items():
+        setattr(torch.cuda, name, stand_in)
+    _install_rng_tracker()
+    try:
+        with _CudaToCpu():
+            yield
+    finally:
+        for name, original in saved.items():
+            setattr(torch.cuda, name, original)

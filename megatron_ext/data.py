@@ -1,0 +1,147 @@
+"""Training batches from megatron-core's GPT datasets (indexed and blended, or mock).
+
+Sample order is a pure function of ``consumed_samples``: global batch ``b`` is samples
+``[b*gbs, (b+1)*gbs)`` of the blended dataset, split the same way on every layout. That is
+what makes TP/PP/DP runs comparable and a resumed run see exactly the data it would have.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy
+import torch
+import torch.distributed as dist
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer as MegatronTokenizer
+
+from launch.schema import DataConfig, RunConfig
+
+EOD_TOKEN = "<|endoftext|>"
+
+
+class HFTokenizer(MegatronTokenizer):
+    """A local ``tokenizer.json`` (Hugging Face ``tokenizers``) in megatron's tokenizer interface."""
+
+    def __init__(self, path: str) -> None:
+        from tokenizers import Tokenizer
+
+        super().__init__(path)
+        self._tokenizer = Tokenizer.from_file(path)
+        eod = self._tokenizer.token_to_id(EOD_TOKEN)
+        if eod is None:
+            raise ValueError(f"{path} has no {EOD_TOKEN} token; megatron needs one for documents")
+        self._eod = eod
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text).ids
+
+    def detokenize(self, ids: Any) -> str:
+        return self._tokenizer.decode(list(ids))
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self._tokenizer.get_vocab()
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return {i: t for t, i in self.vocab.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+
+class _SyntheticTokenizer(MegatronTokenizer):
+    """What MockGPTDataset needs to know about a vocabulary: its size and end-of-document id."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__("synthetic")
+        self._vocab_size = vocab_size
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError("synthetic data has no text")
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return {}
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._vocab_size - 1
+
+
+def load_tokenizer(data: DataConfig, model_vocab_size: int) -> MegatronTokenizer:
+    if data.kind == "synthetic":
+        return _SyntheticTokenizer(model_vocab_size)
+    tokenizer = HFTokenizer(data.tokenizer)
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(f"tokenizer {data.tokenizer} has {tokenizer.vocab_size} tokens but "
+                         f"model.vocab_size={model_vocab_size}; raise model.vocab_size")
+    return tokenizer
+
+
+def build_train_dataset(cfg: RunConfig, cache_dir: str) -> GPTDataset:
+    """Rank 0 builds megatron's sample index into ``cache_dir`` first; the others then read it."""
+    data, train = cfg.data, cfg.train
+    blend = None
+    if data.kind == "indexed":
+        blend = ([s.path for s in data.sources], [s.weight for s in data.sources])
+    config = GPTDatasetConfig(
+        random_seed=train.seed, sequence_length=train.seq_length, blend=blend,
+        split=data.split, path_to_cache=cache_dir,
+        tokenizer=load_tokenizer(data, cfg.model.vocab_size),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False)
+    dataset_cls = GPTDataset if data.kind == "indexed" else MockGPTDataset
+    sizes = [train.steps * train.global_batch_size, 0, 0]
+    built: list[Optional[GPTDataset]] = []
+    for builder_turn in (True, False):
+        is_rank0 = dist.get_rank() == 0
+        if is_rank0 == builder_turn:
+            built = BlendedMegatronDatasetBuilder(dataset_cls, sizes, lambda: True, config).build()
+        dist.barrier()
+    return built[0]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which samples a data-parallel rank reads for each micro-batch of a global batch."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    dp_size: int
+    dp_rank: int
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def sample_indices(self, consumed_samples: int, microbatch: int) -> list[int]:
+        """Megatron's pretraining sampler order: each micro-batch slot is split across DP."""
+        start = (consumed_samples + microbatch * self.micro_batch_size * self.dp_size
+                 + self.dp_rank * self.micro_batch_size)
+        return list(range(start, start + self.micro_batch_size))
+
+
+def microbatches(dataset: GPTDataset, plan: BatchPlan,
+                 consumed_samples: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One global batch's micro-batches for this rank, as tensors."""
+    for i in range(plan.num_microbatches):
+        samples = [dataset[j] for j in plan.sample_indices(consumed_samples, i)]
+        yield {key: torch.stack([torch.as_tensor(numpy.asarray(s[key])) for s in samples])
+               for key in ("tokens", "labels", "loss_mask", "position_ids")}

@@ -1,0 +1,49 @@
+"""Where this process sits in the job: the one place that reads the launcher's environment.
+
+Slurm, submitit's local executor and torchrun each describe a rank differently;
+``RunEnv.from_env()`` turns any of them into the same small record.
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+# Ports submitit also draws from when it derives a port from the job id.
+_PORT_RANGE = (20000, 60000)
+
+
+@dataclass(frozen=True)
+class RunEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    job_id: str
+    hostname: str
+
+    @classmethod
+    def from_env(cls) -> "RunEnv":
+        hostname = socket.gethostname()
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun or a pre-exported env
+            return cls(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                       local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                       master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                       master_port=int(os.environ.get("MASTER_PORT", 29500)),
+                       job_id=os.environ.get("SLURM_JOB_ID", "local"), hostname=hostname)
+        import submitit  # reads SLURM_* or SUBMITIT_LOCAL_* for us
+
+        job = submitit.JobEnvironment()
+        port = os.environ.get("MASTER_PORT")
+        return cls(rank=job.global_rank, world_size=job.num_tasks, local_rank=job.local_rank,
+                   master_addr=job.hostnames[0],
+                   master_port=int(port) if port else random.Random(job.job_id).randint(*_PORT_RANGE),
+                   job_id=str(job.job_id), hostname=hostname)
+
+    def export(self) -> None:
+        """torch.distributed's env:// rendezvous reads these."""
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
+                          LOCAL_RANK=str(self.local_rank), MASTER_ADDR=self.master_addr,
+                          MASTER_PORT=str(self.master_port))

@@ -1,0 +1,121 @@
+"""Build megatron-core's GPTModel for one rank: the layout decides which shard it holds."""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from launch.schema import Layout, ModelConfig, TrainConfig
+from megatron_ext import parallel
+
+# Megatron scales the init of the two projections that write into the residual stream.
+_RESIDUAL_OUTPUT_WEIGHTS = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def param_dtype(train: TrainConfig, use_gpu: bool) -> torch.dtype:
+    """bf16 weights on GPU (fp32 master copies live in the optimizer); fp32 on CPU."""
+    return torch.bfloat16 if use_gpu and train.precision in ("bf16", "fp8") else torch.float32
+
+
+def padded_vocab_size(model: ModelConfig, tp: int) -> int:
+    """Megatron's rule: embedding rows padded to a multiple of make_vocab_size_divisible_by*tp."""
+    multiple = model.make_vocab_size_divisible_by * tp
+    return math.ceil(model.vocab_size / multiple) * multiple
+
+
+def transformer_config(model: ModelConfig, train: TrainConfig, layout: Layout,
+                       use_gpu: bool) -> TransformerConfig:
+    dtype = param_dtype(train, use_gpu)
+    recompute = {"none": {}, "selective": {"recompute_granularity": "selective"},
+                 "full": {"recompute_granularity": "full", "recompute_method": "uniform",
+                          "recompute_num_layers": train.recompute_num_layers}}[train.recompute]
+    return TransformerConfig(
+        num_layers=model.num_layers, hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size, kv_channels=model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm", layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=model.init_method_std,
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        context_parallel_size=layout.cp, sequence_parallel=layout.sp,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+        fp8="hybrid" if train.precision == "fp8" else None,
+        use_cpu_initialization=not use_gpu, perform_initialization=True,
+        calculate_per_token_loss=True, **recompute)
+
+
+def layer_spec(model: ModelConfig, use_gpu: bool) -> ModuleSpec:
+    """Transformer Engine's fused spec on GPU; the local (plain torch) spec on CPU."""
+    if use_gpu and model.transformer_impl == "transformer_engine":
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model(model: ModelConfig, train: TrainConfig, layout: Layout,
+                use_gpu: bool) -> tuple[list[GPTModel], TransformerConfig]:
+    """This rank's model chunks: one per virtual pipeline stage it hosts."""
+    config = transformer_config(model, train, layout, use_gpu)
+    spec = layer_spec(model, use_gpu)
+    chunks = []
+    for vp_stage in range(layout.vpp) if layout.vpp > 1 else [None]:
+        chunk = GPTModel(
+            config=config, transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(model, layout.tp),
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=parallel.is_first_stage(vp_stage),
+            post_process=parallel.is_last_stage(vp_stage),
+            share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+            position_embedding_type="rope", rotary_base=model.rotary_base, vp_stage=vp_stage)
+        chunks.append(chunk.cuda() if use_gpu else chunk)
+    return chunks, config
+
+
+def _weight_std(key: str, model: ModelConfig) -> float:
+    if key.endswith(_RESIDUAL_OUTPUT_WEIGHTS):
+        return model.init_method_std / math.sqrt(2.0 * model.num_layers)
+    return model.init_method_std
+
+
+def _shards(chunk: GPTModel) -> list[ShardedTensor]:
+    out: list[ShardedTensor] = []
+    for item in nested_values(chunk.sharded_state_dict()):
+        if isinstance(item, ShardedTensorFactory):
+            out += [t for t in nested_values(item.build()) if isinstance(t, ShardedTensor)]
+        elif isinstance(item, ShardedTensor):
+            out.append(item)
+    return out
+
+
+@torch.no_grad()
+def init_layout_independent(chunks: list[GPTModel], model: ModelConfig, seed: int) -> None:
+    """Re-draw every weight matrix from a generator keyed by its global name and layer.
+
+    Megatron's own init depends on the layout (each pipeline stage draws only its layers),
+    so TP=2, PP=2 and DP=2 would start from different models. Here each global matrix is
+    drawn whole and this rank keeps its slice, so every layout starts from the same model.
+    It materialises one full matrix at a time on the CPU: meant for small and medium models.
+    """
+    for chunk in chunks:
+        for shard in _shards(chunk):
+            if shard.data.dim() < 2:  # norm weights keep megatron's init (ones)
+                continue
+            layer = shard.global_offset[: shard.prepend_axis_num]
+            key_seed = zlib.crc32(f"{shard.key}{layer}".encode()) ^ seed
+            generator = torch.Generator().manual_seed(key_seed)
+            full_shape = shard.global_shape[shard.prepend_axis_num:]
+            full = torch.randn(full_shape, generator=generator) * _weight_std(shard.key, model)
+            offsets = shard.global_offset[shard.prepend_axis_num:]
+            index = tuple(slice(o, o + n) for o, n in zip(offsets, shard.local_shape))
+            shard.data.copy_(full[index].to(shard.data.dtype))

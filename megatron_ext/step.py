@@ -1,0 +1,76 @@
+"""One optimizer step through megatron's pipeline schedule, with per-token loss averaging."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_attr_wrapped_model
+
+from megatron_ext import parallel
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    """Mean loss per token over the whole global batch (all micro-batches, all DP ranks)."""
+    grad_norm: float
+    lr: float
+    tokens: int
+    skipped: bool
+
+
+def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Megatron's per-token convention: (sum, token count, what to report)."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(per_token_loss.float().reshape(-1) * mask)
+    tokens = mask.sum().to(torch.int)
+    return loss_sum, tokens, {"lm loss": torch.stack([loss_sum.detach(), tokens.float()])}
+
+
+def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
+    """Only the first and last pipeline stages read the batch; the others take activations."""
+    first = get_attr_wrapped_model(model, "pre_process")
+    last = get_attr_wrapped_model(model, "post_process")
+    batch = next(data_iterator) if (first or last) else None
+    device = next(model.parameters()).device
+    tokens = batch["tokens"].to(device) if first else None
+    positions = batch["position_ids"].to(device) if first else None
+    labels = batch["labels"].to(device) if last else None
+    output = model(tokens, positions, None, labels=labels)
+    return output, partial(_loss, batch["loss_mask"].to(device) if last else None)
+
+
+def _global_loss(losses: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[float, int]:
+    """Every rank learns the global batch's loss, so any rank can act on a NaN."""
+    total = torch.zeros(2, device=device)
+    if parallel.reports_loss():
+        for item in losses:
+            total += item["lm loss"].to(device)
+    dist.all_reduce(total)
+    tokens = int(total[1].item())
+    return (total[0] / max(tokens, 1)).item(), tokens
+
+
+def train_step(model: list[torch.nn.Module], optimizer: MegatronOptimizer,
+               scheduler: OptimizerParamScheduler, batches: Iterator[dict[str, torch.Tensor]],
+               *, num_microbatches: int, seq_length: int, micro_batch_size: int) -> StepResult:
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=[batches] * len(model), model=model, num_microbatches=num_microbatches,
+        seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
+    succeeded, grad_norm, _ = optimizer.step()
+    if succeeded:
+        scheduler.step(increment=1)
+    loss, tokens = _global_loss(losses, next(model[0].parameters()).device)
+    return StepResult(loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+                      lr=optimizer.param_groups[0]["lr"], tokens=tokens, skipped=not succeeded)
