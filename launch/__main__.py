@@ -8,18 +8,42 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from launch.config import CONF_DIR, register_schema, to_run_config, to_yaml, validate
+from hydra.errors import HydraException
+
+from launch.config import CONF_DIR, compose, register_schema, to_run_config, to_yaml, validate
 from launch.prepare import absolutize, choose_layout, prepare_data, write_run_dir
 from launch.schema import RunConfig
+
+
+def _refuse(err: Exception) -> None:
+    """One line naming the field, instead of Hydra's multi-line report."""
+    cause = err.__cause__ if isinstance(err, HydraException) and err.__cause__ else err
+    key = getattr(cause, "full_key", "") or "config"
+    lines = str(cause).splitlines()
+    listed = lines[: next((i for i, l in enumerate(lines) if "search path" in l), len(lines))]
+    options = [line.strip() for line in listed if line.startswith("\t")]  # Hydra's option list
+    allowed = f" (available: {', '.join(options)})" if options else ""
+    print(f"error: {key}: {lines[0]}{allowed}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _preflight(argv: list[str]) -> None:
+    """Compose a single run's overrides up front so a typo fails in one line (sweeps skip this)."""
+    if "-m" in argv or "--multirun" in argv:
+        return
+    overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
+    try:
+        to_run_config(compose(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        _refuse(err)
 
 
 def _typed(cfg: DictConfig) -> RunConfig:
     try:
         return to_run_config(cfg)
-    except OmegaConfBaseException as err:  # a wrong type: name the field, stop in milliseconds
-        key = getattr(err, "full_key", "") or "config"
-        print(f"error: {key}: {str(err).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    except OmegaConfBaseException as err:
+        _refuse(err)
+        raise
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -47,4 +71,5 @@ def main(raw: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_schema()
+    _preflight(sys.argv[1:])
     main()

@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     env = RunEnv.from_env()
     _setup_logging(env.rank)
     use_gpu = torch.cuda.is_available()
+    if not use_gpu:
+        torch.set_num_threads(cfg.cluster.cpus_per_task)  # ranks share the cores; don't oversubscribe
     with contextlib.nullcontext() if use_gpu else cpu_mode():
         try:
             train(cfg, env, derive_layout(cfg), use_gpu)

@@ -1,0 +1,100 @@
+"""Every invalid config is refused before anything starts, naming the field and the fix."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from launch.config import CONF_DIR, derive_layout, validate
+from tests.conftest import make_config, run_launch
+
+# (overrides, a fragment the message must contain)
+BAD_CONFIGS = [
+    (["parallel.tp=4"], "tp*pp*cp*dp"),
+    (["model=llama3_8b", "cluster.gpus_per_node=3", "parallel.tp=3"], "model.num_attention_heads"),
+    (["model.num_query_groups=3", "model.num_attention_heads=6", "model.hidden_size=120",
+      "parallel=tp2"], "model.num_query_groups"),
+    (["model.num_layers=3", "parallel=pp2"], "model.num_layers=3"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10"),
+    (["parallel.sp=true"], "parallel.sp=true needs parallel.tp > 1"),
+    (["parallel=tp2", "parallel.sp=true", "model.transformer_impl=local"], "transformer_impl"),
+    (["train.precision=fp16"], "train.precision='fp16'"),
+    (["train.recompute=some"], "train.recompute='some'"),
+    (["model.attention_backend=xformers"], "model.attention_backend"),
+    (["parallel.vpp=2"], "parallel.vpp=2 needs parallel.pp > 1"),
+    (["train.seq_length=4096"], "model.max_position_embeddings"),
+    (["train.warmup_steps=300"], "train.warmup_steps=300"),
+    (["cluster.nodes=2"], "cluster.kind=local"),
+    (["parallel.cp=2", "train.seq_length=130"], "train.seq_length=130"),
+    (["train.lr=0"], "train.lr=0"),
+    (["optimizer.adam_beta2=1.5"], "optimizer.adam_beta2"),
+    (["data.kind=parquet"], "data.kind='parquet'"),
+    (["cluster.gpus_per_node=8", "parallel.tp=16", "parallel.dp=1"], "exceeds cluster.gpus_per_node"),
+    (["train.precision=fp8", "model.transformer_impl=local"], "train.precision=fp8"),
+]
+
+
+@pytest.mark.parametrize("overrides,fragment", BAD_CONFIGS, ids=[" ".join(o) for o, _ in BAD_CONFIGS])
+def test_each_rule_names_the_field(overrides: list[str], fragment: str) -> None:
+    problems = validate(make_config(*overrides))
+    assert any(fragment in p for p in problems), problems
+
+
+def test_default_config_is_valid_and_uses_two_ranks() -> None:
+    cfg = make_config()
+    assert validate(cfg) == []
+    assert derive_layout(cfg).world_size == 2
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    problems = validate(make_config("train.precision=fp16", "parallel.tp=4", "train.recompute=x"))
+    assert len(problems) >= 3
+
+
+@pytest.mark.parametrize("layout", ["dp", "tp2", "pp2"])
+def test_shipped_layouts_are_valid_on_the_local_cluster(layout: str) -> None:
+    assert validate(make_config(f"parallel={layout}")) == []
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_every_conf_combination_composes() -> None:
+    """Each shipped option composes with every other into a typed config (validity varies)."""
+    groups = ["model", "parallel", "cluster", "train", "data"]
+    for combo in itertools.product(*(_options(g) for g in groups)):
+        cfg = make_config(*(f"{g}={o}" for g, o in zip(groups, combo)))
+        assert isinstance(validate(cfg), list)
+
+
+def test_cli_refuses_bad_config_without_starting_anything(tmp_path: Path) -> None:
+    result = run_launch("parallel.tp=4", "train.precision=fp16", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert any("train.precision" in e for e in errors)
+    assert any("tp*pp*cp*dp" in e for e in errors)
+    assert not (tmp_path / "runs" / "demo" / "checkpoints").exists()
+    assert "submitted" not in result.stdout
+
+
+def test_cli_names_the_field_of_a_type_error(tmp_path: Path) -> None:
+    result = run_launch("parallel.tp=two", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert "parallel.tp" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_dry_run_prints_resolved_config_and_submits_nothing(tmp_path: Path) -> None:
+    result = run_launch("parallel=tp2", "launch.dry_run=true", cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "TP=2 PP=1" in result.stdout
+    assert "tp: 2" in result.stdout
+    assert "submitted" not in result.stdout
+
+
+def test_cli_lists_the_options_of_an_unknown_group_choice(tmp_path: Path) -> None:
+    result = run_launch("model=llama9", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert "model/llama9" in result.stderr and "llama3_8b" in result.stderr
