@@ -24,16 +24,18 @@ def test_demo_loss_falls_clearly_on_the_shipped_corpus(workdir: Path) -> None:
 
 def test_tp_pp_and_dp_layouts_give_the_same_loss_curve(workdir: Path) -> None:
     """Same seed, same data, same model: only the split differs, so the math must agree."""
+    layouts = {"dp": ["parallel=dp"], "tp2": ["parallel=tp2"], "pp2": ["parallel=pp2"],
+               "vpp2": ["parallel=pp2", "parallel.vpp=2"]}
     curves = {}
-    for layout in ("dp", "tp2", "pp2"):
-        result = run_launch(f"name=same-{layout}", f"parallel={layout}", "train.steps=6",
+    for name, overrides in layouts.items():
+        result = run_launch(f"name=same-{name}", *overrides, "train.steps=6",
                             "train.warmup_steps=1", cwd=workdir)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        curves[layout] = [row["loss"] for row in read_metrics(workdir, f"same-{layout}")]
+        curves[name] = [row["loss"] for row in read_metrics(workdir, f"same-{name}")]
     assert len(curves["dp"]) == 6
     assert curves["dp"][-1] < curves["dp"][0]  # it trains, so agreement is not trivial
-    for layout in ("tp2", "pp2"):
-        assert curves[layout] == pytest.approx(curves["dp"], rel=1e-4), layout
+    for name in ("tp2", "pp2", "vpp2"):
+        assert curves[name] == pytest.approx(curves["dp"], rel=1e-4), name
 
 
 def test_a_failing_rank_fails_the_launch(workdir: Path) -> None:
