@@ -1,0 +1,134 @@
+"""The layout planner: only valid layouts, only fitting ones, ranked by the documented model."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch.config import validate
+from launch.schema import Layout
+from tests.conftest import REPO, make_config
+from tools.memory import predict
+from tools.planner import (
+    PlannedLayout,
+    candidate_layouts,
+    configure,
+    explain_no_fit,
+    micro_batches,
+    plan,
+    search,
+    step_time,
+)
+
+SLURM = ("train=pretrain", "cluster.kind=slurm", "cluster.gpus_per_node=8")
+SLURM_256 = (*SLURM, "cluster.nodes=32")
+
+
+@pytest.fixture(scope="module")
+def cfg_70b():
+    return make_config("model=llama3_70b", *SLURM_256)
+
+
+@pytest.fixture(scope="module")
+def planned_70b(cfg_70b):
+    return plan(cfg_70b)
+
+
+def test_every_planned_layout_passes_launch_validation(cfg_70b, planned_70b) -> None:
+    assert planned_70b
+    for c in planned_70b:
+        assert c.tp * c.pp * c.cp * c.dp == 256
+        assert c.fits and c.peak_gib <= 0.95 * 80
+        chosen = configure(cfg_70b, c)
+        assert validate(chosen, c.layout) == [], c
+
+
+def test_candidates_are_exactly_the_layouts_validate_accepts() -> None:
+    """Brute force over every size combination on 16 GPUs, with micro_batch_size fixed."""
+    cfg = make_config("model=llama3_8b", *SLURM, "cluster.nodes=2", "train.micro_batch_size=2")
+    planned = {layout for layout in candidate_layouts(cfg)
+               if micro_batches(cfg, layout, 2) is not None}
+    sizes = (1, 2, 4, 8, 16)
+    accepted = set()
+    for tp, pp, cp, vpp in itertools.product(sizes, sizes, sizes, (1, 2, 4, 8, 16, 32)):
+        if 16 % (tp * pp * cp) or (vpp > 1 and pp == 1):
+            continue
+        layout = Layout(tp=tp, pp=pp, cp=cp, dp=16 // (tp * pp * cp), vpp=vpp, sp=tp > 1)
+        parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp, cp=cp, vpp=vpp,
+                                       dp=layout.dp, sp=tp > 1)
+        if not validate(dataclasses.replace(cfg, parallel=parallel), layout):
+            accepted.add(layout)
+    assert planned == accepted
+
+
+def test_ranked_by_step_time_and_consistent_throughput(cfg_70b, planned_70b) -> None:
+    times = [c.step_time_s for c in planned_70b]
+    assert times == sorted(times)
+    tokens = cfg_70b.train.global_batch_size * cfg_70b.train.seq_length
+    for c in planned_70b[:20]:
+        assert c.tokens_per_s_per_gpu * c.step_time_s * 256 == pytest.approx(tokens)
+        assert predict(cfg_70b, c.layout, micro_batch_size=c.micro_batch_size,
+                       recompute=c.recompute).peak_gib == pytest.approx(c.peak_gib)
+
+
+def test_70b_on_one_node_has_no_fitting_layout() -> None:
+    cfg = make_config("model=llama3_70b", *SLURM, "cluster.nodes=1")
+    assert search(cfg) and plan(cfg) == []
+    message = explain_no_fit(cfg, Layout(tp=8, pp=1, cp=1, dp=1, sp=True))
+    assert "no layout fits" in message and "GiB" in message
+
+
+def test_search_for_70b_on_256_gpus_takes_under_a_second(cfg_70b) -> None:
+    start = time.perf_counter()
+    search(cfg_70b)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_step_time_model_penalises_recompute_and_bubbles(cfg_70b) -> None:
+    layout = Layout(tp=8, pp=4, cp=1, dp=8, sp=True)
+    none, selective, full = (step_time(cfg_70b, layout, 1, r)
+                             for r in ("none", "selective", "full"))
+    assert none < selective < full and full / none == pytest.approx(4 / 3, rel=0.1)
+    few = dataclasses.replace(cfg_70b, train=dataclasses.replace(cfg_70b.train,
+                                                                 global_batch_size=32))
+    bubble_heavy = step_time(few, layout, 1, "none") / 32
+    assert bubble_heavy > step_time(cfg_70b, layout, 1, "none") / 1024
+    assert step_time(few, dataclasses.replace(layout, vpp=5), 1, "none") < \
+        step_time(few, layout, 1, "none")
+
+
+def test_explain_no_fit_names_the_memory_and_the_best_alternative(cfg_70b, planned_70b) -> None:
+    too_big = Layout(tp=1, pp=1, cp=1, dp=256)
+    message = explain_no_fit(cfg_70b, too_big)
+    assert f"{predict(cfg_70b, too_big).peak_gib:.1f} GiB" in message
+    assert planned_70b[0].describe() in message
+    assert explain_no_fit(configure(cfg_70b, planned_70b[0]), planned_70b[0].layout) is None
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tools.planner", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_json_cli_prints_the_ranked_layouts_and_the_best() -> None:
+    run = _cli("--json", "model=llama3_70b", *SLURM_256)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    keys = {"tp", "pp", "vpp", "cp", "dp", "sp", "micro_batch_size", "recompute", "peak_gib",
+            "step_time_s", "tokens_per_s_per_gpu"}
+    assert out["layouts"] and all(keys <= set(c) for c in out["layouts"])
+    assert out["best"] == out["layouts"][0]
+    assert PlannedLayout(**out["best"]).fits
+
+
+def test_table_cli_shows_the_choice_and_refuses_bad_overrides() -> None:
+    run = _cli("model=llama3_8b", *SLURM, "cluster.nodes=2")
+    assert run.returncode == 0 and "chosen: TP=" in run.stdout and "tok/s/GPU" in run.stdout
+    bad = _cli("model.num_layers=abc")
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: model.num_layers: Value 'abc' of type 'str' could not be converted to Integer")
