@@ -5,6 +5,8 @@ megatron-core assumes CUDA in four places (ARCHITECTURE.md, "Facts"): allocation
 ``param.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers, and the CUDA RNG
 tracker. ``cpu_mode()`` handles all four for the duration of a run, so the CPU rehearsal
 executes the same model, schedule, DDP and distributed-optimizer code as a GPU job.
+Without Transformer Engine the distributed optimizer wraps torch's Adam, which megatron's
+checkpoint loading mishandles; two small patches (``_torch_adam_checkpoint_patches``) fix that.
 """
 from __future__ import annotations
 
@@ -100,6 +102,41 @@ def _install_rng_tracker() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+def _torch_adam_checkpoint_patches() -> dict[str, Any]:
+    """DistributedOptimizer methods that handle torch's Adam in checkpoints.
+
+    Without Transformer Engine or Apex (so on CPU) the distributed optimizer wraps torch's
+    Adam, whose per-parameter state has a ``step`` that FusedAdam keeps elsewhere. In
+    megatron-core 0.16.1 that breaks loading a distributed checkpoint three ways:
+    ``state_dict()`` of a never-stepped optimizer asserts that a ``step`` exists, restoring
+    the parameter state expects ``step`` among the loaded tensors (it comes from the param
+    groups), and that restored ``step`` is one tensor shared by all parameters.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    state_dict = DistributedOptimizer.state_dict
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def state_dict_of_stepped_adam(self):  # type: ignore[no-untyped-def]
+        if not self.optimizer.state:  # megatron's zero-gradient step; the load overwrites it
+            self._init_optimizer_states_with_dummy_values()
+        return state_dict(self)
+
+    def set_states_but_step(self, model_param, tensors):  # type: ignore[no-untyped-def]
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        step = state.pop("step", None)
+        try:
+            set_states(self, model_param, tensors)
+        finally:
+            if step is not None:  # megatron gave every parameter the same tensor, which
+                state["step"] = step.clone()  # torch's Adam would then advance once per param
+
+    return {"state_dict": state_dict_of_stepped_adam,
+            "_set_main_param_and_optimizer_states": set_states_but_step}
+
+
 @contextlib.contextmanager
 def cpu_mode() -> Iterator[None]:
     """Everything megatron-core does inside this block runs on the CPU."""
@@ -107,13 +144,19 @@ def cpu_mode() -> Iterator[None]:
         "current_device": lambda: 0,  # device 0 is mapped to the CPU by _CudaToCpu
         "synchronize": lambda device=None: None,  # CPU ops are synchronous
     }
-    saved = {name: getattr(torch.cuda, name) for name in replacements}
-    for name, stand_in in replacements.items():
-        setattr(torch.cuda, name, stand_in)
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patches = [(torch.cuda, replacements),
+               (DistributedOptimizer, _torch_adam_checkpoint_patches())]
+    saved = [(owner, {name: getattr(owner, name) for name in names}) for owner, names in patches]
+    for owner, stand_ins in patches:
+        for name, stand_in in stand_ins.items():
+            setattr(owner, name, stand_in)
     _install_rng_tracker()
     try:
         with _CudaToCpu():
             yield
     finally:
-        for name, original in saved.items():
-            setattr(torch.cuda, name, original)
+        for owner, originals in saved:
+            for name, original in originals.items():
+                setattr(owner, name, original)

@@ -1,0 +1,376 @@
+"""Asynchronous distributed checkpoints with an atomic commit and exact resume.
+
+Every rank writes its own shards with megatron-core's ``dist_checkpointing`` (torch_dist
+format): the state is planned while training waits, then a forked process writes it while
+training goes on (``AsyncCallsQueue``); on CPU the fork itself is the snapshot (copy on
+write), on GPU megatron first copies the tensors to host memory. When every rank finished,
+rank 0 commits (``megatron_ext.commit``): manifest marker, rename ``.tmp`` -> final,
+``latest`` pointer, retention.
+
+What a checkpoint holds: model chunks (``model``, or ``model0``.. with virtual pipeline
+stages), the optimizer (``checkpoint.optimizer_format``), the lr
+scheduler, step, consumed samples (the data order is a pure function of it, see data.py),
+every rank's RNG states and the resolved config.yaml.
+
+Resharding on load: the model loads into any TP/PP/DP(/VPP) layout of the same model
+(torch_dist stores global tensors). The optimizer follows ``checkpoint.optimizer_format``:
+``dp_reshardable`` (default, every rank writes its own shard) reloads only where DP alone
+changed, anything else stops with ``LayoutMismatch``; ``fully_reshardable`` reloads into any
+layout. RNG states are per rank, restored only when the layout is unchanged; with dropout 0
+(the default) that does not change the losses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelSaveStrategyWrapper,
+)
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+from launch.schema import CheckpointConfig, Layout
+from megatron_ext import commit
+
+log = logging.getLogger("megatron_ext.checkpoint")
+
+
+class CheckpointCorrupt(RuntimeError):
+    """No intact committed checkpoint to resume from, and starting over would be wrong."""
+
+
+class LayoutMismatch(RuntimeError):
+    """The checkpoint is intact but its optimizer format cannot follow this layout change."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where training continues: step 0 and no path when there was nothing to load."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    path: str | None = None
+
+
+def _sharding_metadata(optimizer_format: str) -> dict[str, Any]:
+    """As Megatron-LM builds it; replica groups of the shards include the CP ranks."""
+    return ensure_metadata_has_dp_cp_group(
+        {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True})
+
+
+def _differs_in_dp_only(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    return all(saved[k] == current[k] for k in saved if k != "dp")
+
+
+def _device() -> torch.device:
+    """Where small control tensors live: NCCL needs the GPU, gloo the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+class Checkpointer:
+    """Saves and loads this rank's part of the training state; every method is collective."""
+
+    def __init__(self, cfg: CheckpointConfig, *, model: list[torch.nn.Module],
+                 optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
+                 layout: Layout, config_yaml: str) -> None:
+        self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
+        self.root = Path(cfg.dir)
+        self.layout = dataclasses.asdict(layout)
+        self.config_yaml = config_yaml
+        self.rank = dist.get_rank()
+        self.last_committed_step: int | None = None
+        self._queue = AsyncCallsQueue() if cfg.async_save else None
+        self._in_flight: int | None = None
+        self._requested = False
+        self._last_save = time.monotonic()
+        warm_up_writer()
+
+    # -- what is saved -------------------------------------------------------------------
+    def _model_keys(self) -> list[str]:
+        return ["model"] if len(self.model) == 1 else [f"model{i}" for i in range(len(self.model))]
+
+    def _sharded_state(self, optimizer_format: str, *, is_loading: bool,
+                       with_rng: bool = True) -> dict[str, Any]:
+        metadata = _sharding_metadata(optimizer_format)
+        state: dict[str, Any] = {key: chunk.sharded_state_dict(metadata=metadata)
+                                 for key, chunk in zip(self._model_keys(), self.model)}
+        state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading,
+                                                               metadata=metadata)
+        if with_rng:
+            world = dist.get_world_size()
+            state["rng_state"] = ShardedObject("rng_state", rng_state(), (world,), (self.rank,),
+                                               replica_id=0)
+        return state
+
+    def _common_state(self, step: int, consumed_samples: int) -> dict[str, Any]:
+        """Identical on every rank; megatron checks that and rank 0 writes it to common.pt."""
+        return {"step": step, "consumed_samples": consumed_samples, "layout": self.layout,
+                "optimizer_format": self.cfg.optimizer_format,
+                "scheduler": self.scheduler.state_dict()}
+
+    # -- saving --------------------------------------------------------------------------
+    def request_save(self) -> None:
+        """Signal-safe: the next ``maybe_save`` saves on every rank and waits for the commit.
+
+        For the Slurm pre-timeout signal: the handler only sets a flag; the ranks agree on
+        it at the step boundary, so a signal that reaches ranks at different steps is fine.
+        """
+        self._requested = True
+
+    def maybe_save(self, step: int, consumed_samples: int) -> None:
+        """Call after every step on every rank: commits finished writes, saves when due."""
+        self._finalize(blocking=False)
+        on_interval = self.cfg.save_interval > 0 and step % self.cfg.save_interval == 0
+        minutes = self.cfg.interval_minutes
+        clock_due = minutes > 0 and time.monotonic() - self._last_save >= minutes * 60
+        flags = torch.tensor([int(self._requested), int(clock_due)], device=_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # clocks and signals differ per rank
+        requested, clock_due = bool(flags[0]), bool(flags[1])
+        if on_interval or clock_due or requested:
+            self.save(step, consumed_samples, blocking=requested)
+
+    def save(self, step: int, consumed_samples: int, *, blocking: bool = False) -> None:
+        """Start a checkpoint of the state after ``step``; ``blocking`` returns once committed."""
+        self._requested = False
+        if step in (self.last_committed_step, self._in_flight):
+            self._finalize(blocking=blocking)
+            return
+        self._finalize(blocking=True)  # one save in flight: commits stay in step order
+        self._last_save = time.monotonic()
+        tmp = self.root / commit.tmp_dir(step)
+        if self.rank == 0:
+            fresh_dir(tmp)
+        dist.barrier()
+        fmt = self.cfg.optimizer_format
+        strategy = FullyParallelSaveStrategyWrapper(  # spreads replicated writes over DP ranks
+            TorchDistSaveShardedStrategy("torch_dist", 1), _sharding_metadata(fmt)["dp_cp_group"])
+        state = self._sharded_state(fmt, is_loading=False) | self._common_state(step,
+                                                                                consumed_samples)
+        request = dist_checkpointing.save(state, str(tmp), strategy, async_sharded_save=True)
+        request.add_finalize_fn(partial(self._commit, step))
+        self._in_flight = step
+        if self._queue is None:
+            request.execute_sync()
+            return
+        self._queue.schedule_async_request(request)
+        if blocking:
+            self._finalize(blocking=True)
+
+    def _finalize(self, *, blocking: bool) -> None:
+        if self._queue is not None and self._in_flight is not None:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def _commit(self, step: int) -> None:
+        """Runs on every rank after all of them wrote their shards (megatron's finalize)."""
+        if self.rank == 0:
+            publish(self.root, step, self.config_yaml)
+            for name in commit.to_delete(listing(self.root), keep_last=self.cfg.keep_last,
+                                         keep_every=self.cfg.keep_every):
+                remove(self.root / name)
+            log.info("checkpoint %s committed", self.root / commit.step_dir(step))
+        dist.barrier()  # nobody sees the step as saved before it is visible
+        self.last_committed_step, self._in_flight = step, None
+
+    def close(self, step: int, consumed_samples: int) -> None:
+        """After the last step: the exit save (``save_on_exit``), then wait for every commit."""
+        if self.cfg.save_on_exit:
+            self.save(step, consumed_samples, blocking=True)
+        self._finalize(blocking=True)
+        if self._queue is not None:
+            self._queue.close()
+
+    # -- loading -------------------------------------------------------------------------
+    def load_latest(self) -> Resume:
+        """Load the newest intact committed checkpoint of ``checkpoint.dir``, if any."""
+        found = self._from_rank0(lambda: listing(self.root))
+        for name in commit.incomplete(found):
+            self._warn("skipping incomplete checkpoint %s: no commit marker (its save was "
+                       "interrupted)", self.root / name)
+        tried = []
+        for step in commit.load_order(found):
+            path = self.root / commit.step_dir(step)
+            problems = self._from_rank0(lambda: verify(path))
+            outcome = problems or self._try_load(path)
+            if isinstance(outcome, Resume):
+                return outcome
+            tried.append(path)
+            message = f"checkpoint {path} is corrupt: {'; '.join(outcome)}"
+            if self.cfg.on_corrupt == "error":
+                raise CheckpointCorrupt(f"{message} (checkpoint.on_corrupt=error; move it "
+                                        "away to resume from an older one)")
+            self._warn("%s; falling back to the previous committed checkpoint", message)
+        if tried:
+            raise CheckpointCorrupt(f"no intact committed checkpoint in {self.root} (corrupt: "
+                                    f"{', '.join(map(str, tried))}); refusing to start over")
+        return Resume()
+
+    def _try_load(self, path: Path) -> Resume | list[str]:
+        """The loaded position, or every rank's error; all ranks agree on the outcome."""
+        try:
+            result: Resume | str = self._load(path)
+        except LayoutMismatch:
+            raise  # every rank raises it: the checkpoint is fine, the request is not
+        except Exception as exc:  # a corrupt shard surfaces as any error type
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            result = f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
+        outcomes: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, result if isinstance(result, str) else "")
+        errors = [f"rank {r}: {e}" for r, e in enumerate(outcomes) if e]
+        return errors or result  # type: ignore[return-value]
+
+    @torch.no_grad()  # fp32 runs: the optimizer's main params are views of the weights
+    def _load(self, path: Path) -> Resume:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        same_layout = common["layout"] == self.layout
+        fmt = common["optimizer_format"]
+        if fmt == "dp_reshardable" and not _differs_in_dp_only(common["layout"], self.layout):
+            raise LayoutMismatch(
+                f"{path} was saved with layout {common['layout']} and "
+                "checkpoint.optimizer_format=dp_reshardable, which loads only into layouts that "
+                f"differ in DP; this run has {self.layout}. Resume once with the saved layout "
+                "and checkpoint.optimizer_format=fully_reshardable, then change the layout")
+        state = dist_checkpointing.load(
+            self._sharded_state(fmt, is_loading=True, with_rng=same_layout), str(path))
+        for key, chunk in zip(self._model_keys(), self.model):
+            chunk.load_state_dict(state[key])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if same_layout:
+            set_rng_state(state["rng_state"])
+        else:
+            self._warn("%s was saved with layout %s; loaded into %s (model and optimizer "
+                       "resharded, RNG states not restored)", path, common["layout"], self.layout)
+        self.last_committed_step = common["step"]
+        log.info("resumed from %s: step %d, %d samples consumed", path, common["step"],
+                 common["consumed_samples"])
+        return Resume(common["step"], common["consumed_samples"], str(path))
+
+    def _from_rank0(self, fn):  # type: ignore[no-untyped-def]
+        """Rank 0 looks at the filesystem once and every rank acts on the same answer."""
+        box = [fn() if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _warn(self, fmt: str, *args: Any) -> None:
+        if self.rank == 0:
+            log.warning(fmt, *args)
+
+
+# -- filesystem (rank 0) and RNG helpers ------------------------------------------------------
+def listing(root: Path) -> dict[str, bool]:
+    """Folder name -> holds the commit marker; the input of the rules in ``commit``."""
+    if not root.is_dir():
+        return {}
+    return {p.name: (p / commit.MARKER).is_file() for p in root.iterdir() if p.is_dir()}
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*")
+            if p.is_file() and p.name != commit.MARKER}
+
+
+def _digest(folder: Path, names: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in commit.digested(names):
+        h.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return h.hexdigest()
+
+
+def verify(folder: Path) -> list[str]:
+    """A committed folder against its manifest: files present, sizes and metadata unchanged."""
+    try:
+        recorded = json.loads((folder / commit.MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        return [f"unreadable {commit.MARKER}: {exc}"]
+    files = _file_sizes(folder)
+    return commit.manifest_problems(recorded, files, _digest(folder, list(files)))
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """Write, fsync and atomically replace: readers see the old or the new file, never half."""
+    tmp = path.with_name(path.name + ".writing")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def publish(root: Path, step: int, config_yaml: str) -> None:
+    """Rank 0, after every rank wrote: config, manifest marker, rename, ``latest`` pointer."""
+    tmp, final = root / commit.tmp_dir(step), root / commit.step_dir(step)
+    (tmp / "config.yaml").write_text(config_yaml)
+    files = _file_sizes(tmp)
+    _write_synced(tmp / commit.MARKER,
+                  json.dumps(commit.manifest(step, files, _digest(tmp, list(files))), indent=1))
+    if final.exists():  # a run resumed from an older step and reached this one again
+        log.warning("replacing %s with the new save of step %d", final, step)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_synced(root / commit.LATEST, commit.step_dir(step) + "\n")
+    fd = os.open(root, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fresh_dir(path: Path) -> None:
+    """An empty folder for a save (left-overs of a killed save of the same step go)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def warm_up_writer() -> None:
+    """Start megatron's result-queue manager now, not inside the first save.
+
+    It is a spawned process that re-imports the training module (seconds); megatron starts
+    it lazily on the first save, which would then block training for that long.
+    """
+    filesystem_async._get_write_results_queue()
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator training draws from on this rank, including megatron's named ones."""
+    state = {"python": random.getstate(), "numpy": numpy.random.get_state(),
+             "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])

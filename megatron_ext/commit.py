@@ -1,0 +1,104 @@
+"""The commit protocol of a checkpoint folder, as pure functions (no torch, no I/O).
+
+Layout of ``checkpoint.dir``::
+
+    step_000120.tmp/     being written (or left by a killed save): never loaded
+    step_000120/         renamed from .tmp after every rank finished; COMMITTED.json inside
+    latest               text "step_000120", replaced atomically after each commit
+
+A folder is committed iff its name is ``step_<N>`` and it holds the marker. The marker is
+a manifest (every file's size and a digest of the small metadata files), so a shard that
+went missing or was truncated later is caught before anything is loaded. Resume scans the
+folders rather than trusting ``latest``: a crash between the rename and the pointer update
+leaves the pointer one checkpoint behind, never ahead.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+MARKER = "COMMITTED.json"
+LATEST = "latest"
+TMP_SUFFIX = ".tmp"
+# Small files whose bytes the manifest hashes: megatron's metadata, the common state, config.
+DIGESTED = (".metadata", "metadata.json", "common.pt", "config.yaml")
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def step_dir(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def tmp_dir(step: int) -> str:
+    return step_dir(step) + TMP_SUFFIX
+
+
+def parse_step(name: str) -> int | None:
+    """The step of a committed-style folder name; None for anything else (tmp included)."""
+    match = _STEP_DIR.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def committed_steps(listing: Mapping[str, bool]) -> list[int]:
+    """Steps of committed folders, oldest first. ``listing``: folder name -> has marker."""
+    return sorted(step for name, marked in listing.items()
+                  if marked and (step := parse_step(name)) is not None)
+
+
+def incomplete(listing: Mapping[str, bool]) -> list[str]:
+    """Folders that look like checkpoints but must never be loaded (killed or unfinished)."""
+    def is_tmp(name: str) -> bool:
+        return name.endswith(TMP_SUFFIX) and parse_step(name.removesuffix(TMP_SUFFIX)) is not None
+
+    return sorted(name for name, marked in listing.items()
+                  if is_tmp(name) or (parse_step(name) is not None and not marked))
+
+
+def load_order(listing: Mapping[str, bool]) -> list[int]:
+    """Candidates to resume from, newest first; the loader falls back down this list."""
+    return committed_steps(listing)[::-1]
+
+
+def to_delete(listing: Mapping[str, bool], *, keep_last: int, keep_every: int) -> list[str]:
+    """Folders the retention policy removes after a commit.
+
+    Kept: the newest ``keep_last`` committed steps and every step divisible by
+    ``keep_every`` (0: none). Incomplete folders older than the newest commit are debris of
+    killed saves and go too; a newer one may still be in flight, so it stays.
+    """
+    steps = committed_steps(listing)
+    if not steps:
+        return []
+    keep = set(steps[-keep_last:])
+    if keep_every:
+        keep |= {s for s in steps if s % keep_every == 0}
+    doomed = [step_dir(s) for s in steps if s not in keep]
+    newest = steps[-1]
+    for name in incomplete(listing):
+        step = parse_step(name.removesuffix(TMP_SUFFIX))
+        if step is not None and step < newest:
+            doomed.append(name)
+    return sorted(doomed)
+
+
+def manifest(step: int, files: Mapping[str, int], digest: str) -> dict:
+    """What the marker records: file sizes in bytes and the metadata digest."""
+    return {"step": step, "files": dict(sorted(files.items())), "digest": digest}
+
+
+def manifest_problems(recorded: Mapping, files: Mapping[str, int], digest: str) -> list[str]:
+    """Why a committed folder no longer matches its marker; empty when intact."""
+    out = []
+    for name, size in recorded["files"].items():
+        if name not in files:
+            out.append(f"{name} is missing")
+        elif files[name] != size:
+            out.append(f"{name} has {files[name]} bytes, the manifest says {size}")
+    if recorded["digest"] != digest:
+        out.append("metadata digest differs from the manifest")
+    return out
+
+
+def digested(names: Iterable[str]) -> list[str]:
+    """The files of a checkpoint whose bytes go into the digest, in a fixed order."""
+    return sorted(n for n in names if n in DIGESTED)

@@ -1,0 +1,198 @@
+"""Checkpoints with real ranks: 2 CPU processes over gloo, megatron's async torch_dist writer.
+
+One reference run (the user's command) trains 12 steps and saves at 4, 8 and 12; each test
+builds a checkpoint folder from its saves, resumes, and compares the loss curve with it.
+
+Resharding (the module docstring of megatron_ext/checkpoint.py): with
+checkpoint.optimizer_format=fully_reshardable a checkpoint of any TP/PP/DP(/VPP) layout loads
+into any other layout of the same model, optimizer state included; the default
+dp_reshardable format allows DP changes only and refuses others with a clear error. Per-rank
+RNG states are restored only when the layout is unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from launch.config import compose, to_run_config, to_yaml
+from megatron_ext import commit
+from tests.conftest import run_launch
+from tests.integration.conftest import read_metrics
+
+pytestmark = pytest.mark.slow
+
+STEPS, INTERVAL = 12, 4
+TRAIN = ["data=synthetic", f"train.steps={STEPS}", "train.warmup_steps=2", "train.log_interval=1",
+         f"checkpoint.save_interval={INTERVAL}"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(run_dir: Path, ckpt_dir: Path, *overrides: str) -> Path:
+    run_dir.mkdir(parents=True)
+    cfg = to_run_config(compose([*TRAIN, f"checkpoint.dir={ckpt_dir}", *overrides],
+                                run_dir=str(run_dir)))
+    path = run_dir / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+def _torchrun_argv(config: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            f"--master-port={_free_port()}", "-m", "megatron_ext.train", str(config)]
+
+
+def _torchrun(config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(_torchrun_argv(config), capture_output=True, text=True, timeout=180)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {row["step"]: row["loss"] for row in rows}
+
+
+@pytest.fixture(scope="module")
+def reference(workdir: Path) -> tuple[Path, dict[int, float]]:
+    """An uninterrupted run through ``python -m launch``: its saves and its loss curve."""
+    result = run_launch("name=ckpt-ref", *TRAIN, cwd=workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ckpt_dir = workdir / "runs" / "ckpt-ref" / "checkpoints"
+    assert (ckpt_dir / commit.LATEST).read_text().strip() == commit.step_dir(STEPS)
+    losses = {row["step"]: row["loss"] for row in read_metrics(workdir, "ckpt-ref")}
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return ckpt_dir, losses
+
+
+def _checkpoints(reference_dir: Path, target: Path, *steps: int) -> Path:
+    for step in steps:
+        shutil.copytree(reference_dir / commit.step_dir(step), target / commit.step_dir(step))
+    return target
+
+
+def _after(losses: dict[int, float], step: int) -> dict[int, float]:
+    return {s: loss for s, loss in losses.items() if s > step}
+
+
+def test_stopped_at_step_k_and_resumed_gives_the_same_losses_bitwise(reference, workdir):
+    ref_dir, ref_losses = reference
+    _checkpoints(ref_dir, workdir / "runs" / "ckpt-resume" / "checkpoints", 4)
+    result = run_launch("name=ckpt-resume", *TRAIN, cwd=workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "step 4, 64 samples consumed" in result.stdout
+    resumed = {row["step"]: row["loss"] for row in read_metrics(workdir, "ckpt-resume")}
+    assert resumed == _after(ref_losses, 4)  # exact float equality: same data, same state
+
+
+def test_a_partial_checkpoint_is_skipped_with_a_warning(reference, tmp_path):
+    ref_dir, ref_losses = reference
+    ckpt_dir = _checkpoints(ref_dir, tmp_path / "ckpt", 4)
+    partial = ckpt_dir / commit.tmp_dir(8)
+    shutil.copytree(ref_dir / commit.step_dir(8), partial)
+    (partial / commit.MARKER).unlink()  # every shard written, never committed
+    result = _torchrun(_config(tmp_path / "run", ckpt_dir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"skipping incomplete checkpoint {partial}" in result.stdout
+    assert f"resumed from {ckpt_dir / commit.step_dir(4)}" in result.stdout
+    assert _losses(tmp_path / "run") == _after(ref_losses, 4)
+
+
+def _kill_job(job: subprocess.Popen) -> None:
+    """SIGKILL every rank with its writer processes (torchrun puts each rank in a session)."""
+    for rank in psutil.Process(job.pid).children():
+        os.killpg(rank.pid, signal.SIGKILL)
+    job.kill()
+    job.wait()
+
+
+def test_a_save_killed_midway_is_skipped_and_training_resumes(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    overrides = ("checkpoint.save_interval=2", "train.steps=14")
+    config = _config(tmp_path / "killed", ckpt_dir, *overrides)
+    job = subprocess.Popen(_torchrun_argv(config), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and job.poll() is None:
+            names = {p.name for p in ckpt_dir.iterdir()} if ckpt_dir.is_dir() else set()
+            if any(n.endswith(commit.TMP_SUFFIX) for n in names) and commit.LATEST in names:
+                break  # a save is being written and an older one is committed
+            time.sleep(0.002)
+    finally:
+        _kill_job(job)
+    left = {p.name: (p / commit.MARKER).is_file() for p in ckpt_dir.iterdir() if p.is_dir()}
+    assert commit.incomplete(left), f"the kill came after the commit: {sorted(left)}"
+    newest = commit.load_order(left)[0]
+    result = _torchrun(_config(tmp_path / "resumed", ckpt_dir, *overrides))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in commit.incomplete(left):
+        assert f"skipping incomplete checkpoint {ckpt_dir / name}" in result.stdout
+    assert f"resumed from {ckpt_dir / commit.step_dir(newest)}" in result.stdout
+    assert sorted(_losses(tmp_path / "resumed")) == list(range(newest + 1, 15))
+
+
+def _corrupt_newest(reference_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    ckpt_dir = _checkpoints(reference_dir, tmp_path / "ckpt", 4, 8)
+    shard = max((ckpt_dir / commit.step_dir(8)).glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:1000])  # a truncated write
+    return ckpt_dir, shard
+
+
+def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
+    ref_dir, ref_losses = reference
+    ckpt_dir, shard = _corrupt_newest(ref_dir, tmp_path)
+    result = _torchrun(_config(tmp_path / "run", ckpt_dir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"checkpoint {ckpt_dir / commit.step_dir(8)} is corrupt: {shard.name} has 1000 bytes" \
+        in result.stdout
+    assert f"resumed from {ckpt_dir / commit.step_dir(4)}" in result.stdout
+    assert _losses(tmp_path / "run") == _after(ref_losses, 4)
+
+
+def test_a_corrupt_checkpoint_stops_the_run_with_on_corrupt_error(reference, tmp_path):
+    ckpt_dir, shard = _corrupt_newest(reference[0], tmp_path)
+    result = _torchrun(_config(tmp_path / "run", ckpt_dir, "checkpoint.on_corrupt=error"))
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "CheckpointCorrupt" in output and "checkpoint.on_corrupt=error" in output
+    assert f"{shard.name} has 1000 bytes" in output
+    assert _losses(tmp_path / "run") == {}  # not one step on a bad state
+
+
+def test_the_default_optimizer_format_refuses_a_tp_change_clearly(reference, tmp_path):
+    refused = _torchrun(_config(tmp_path / "run", _checkpoints(reference[0], tmp_path / "dp", 4),
+                                "parallel=tp2"))
+    assert refused.returncode != 0
+    assert "LayoutMismatch" in refused.stderr and "fully_reshardable" in refused.stderr
+
+
+def test_a_fully_reshardable_checkpoint_loads_into_another_layout(reference, tmp_path):
+    """Saved with DP=2, resumed with PP=2 x VPP=2 (model chunks model0, model1)."""
+    ref_dir, ref_losses = reference
+    full = ("checkpoint.optimizer_format=fully_reshardable",)
+    saved = _torchrun(_config(tmp_path / "save", tmp_path / "full", *full))
+    assert saved.returncode == 0, saved.stdout[-3000:] + saved.stderr[-3000:]
+    assert _losses(tmp_path / "save") == ref_losses  # the format changes nothing in training
+    for step in (8, 12):
+        shutil.rmtree(tmp_path / "full" / commit.step_dir(step))
+    result = _torchrun(_config(tmp_path / "run", tmp_path / "full", *full, "parallel=pp2",
+                               "parallel.vpp=2"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "model and optimizer resharded" in result.stdout
+    resumed, expected = _losses(tmp_path / "run"), _after(ref_losses, 4)
+    assert sorted(resumed) == sorted(expected)
+    assert list(resumed.values()) == pytest.approx(list(expected.values()), rel=1e-4)
