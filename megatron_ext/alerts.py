@@ -1,0 +1,203 @@
+"""Slack (and W&B) alerts that never slow or crash training.
+
+``send`` only stamps the rate limiter and enqueues; one daemon thread posts with retries and a
+timeout, so a Slack outage costs the training step microseconds. The webhook URL is read from
+``$SLACK_WEBHOOK_URL`` here and nowhere else, and is never logged or written.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from typing import Optional, Union
+
+from slack_sdk.webhook import WebhookClient
+
+from launch.schema import RunConfig
+
+log = logging.getLogger("megatron_ext.alerts")
+# slack_sdk logs the full URL at DEBUG; its own quiet logger keeps the secret out of any log.
+_slack_log = logging.getLogger("megatron_ext.alerts.slack_sdk")
+_slack_log.setLevel(logging.WARNING)
+
+URL_ENV = "SLACK_WEBHOOK_URL"
+
+START = "start"
+"""Job started; the caller puts the layout and the predicted memory in ``fields``."""
+COMPLETE = "complete"
+FAILURE = "failure"
+"""A rank raised; the text carries the exception."""
+STRAGGLER = "straggler"
+HANG = "hang"
+CHECKPOINT_FAILURE = "checkpoint_failure"
+NAN_LOSS = "nan_loss"
+
+# kind -> (emoji, headline, W&B alert level)
+_STYLE = {
+    START: (":rocket:", "started", "INFO"),
+    COMPLETE: (":white_check_mark:", "completed", "INFO"),
+    FAILURE: (":x:", "failed", "ERROR"),
+    STRAGGLER: (":snail:", "straggler detected", "WARN"),
+    HANG: (":hourglass:", "hang detected", "ERROR"),
+    CHECKPOINT_FAILURE: (":floppy_disk:", "checkpoint failed", "ERROR"),
+    NAN_LOSS: (":warning:", "loss is NaN or spiking", "ERROR"),
+}
+KINDS = tuple(_STYLE)
+_QUEUE_SIZE = 64  # alerts beyond this backlog are dropped rather than held in memory
+
+
+def headline(kind: str, run_name: str, rank: int, hostname: str) -> str:
+    emoji, what, _ = _STYLE[kind]
+    return f"{emoji} *{run_name}* {what} (rank {rank} on {hostname})"
+
+
+def render(kind: str, text: str, *, run_name: str, rank: int, hostname: str,
+           fields: Optional[dict] = None) -> str:
+    """The Slack message body (mrkdwn): headline, free text, then one bullet per field."""
+    lines = [headline(kind, run_name, rank, hostname)]
+    if text:
+        lines.append(text)
+    lines += [f"• {key}: {value}" for key, value in (fields or {}).items()]
+    return "\n".join(lines)
+
+
+class Alerts:
+    """Rate-limited, de-duplicated alerts posted from a background thread."""
+
+    def __init__(self, url: Optional[str], *, run_name: str, min_interval_s: float,
+                 timeout_s: float, retries: int, wandb_alerts: bool = False,
+                 backoff_s: float = 1.0, hostname: Optional[str] = None) -> None:
+        self._client = (WebhookClient(url, timeout=timeout_s, retry_handlers=[], logger=_slack_log)
+                        if url else None)
+        self._run_name, self._hostname = run_name, hostname or socket.gethostname()
+        self._min_interval_s, self._retries, self._backoff_s = min_interval_s, retries, backoff_s
+        self._wandb_alerts = wandb_alerts
+        self._last_sent: dict[tuple[str, int], float] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_SIZE)
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="alerts", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *, rank: int) -> Union["Alerts", "NullAlerts"]:
+        """W&B alerts go through rank 0's run; Slack needs the env URL on the node."""
+        slack = cfg.logging.slack
+        url = os.environ.get(URL_ENV) if slack.enabled else None
+        if slack.enabled and not url:
+            log.warning("logging.slack.enabled=true but $%s is not set: no Slack alerts", URL_ENV)
+        wandb_alerts = rank == 0 and cfg.logging.wandb.mode != "disabled"
+        if not url and not wandb_alerts:
+            return NullAlerts()
+        return cls(url, run_name=cfg.name, min_interval_s=slack.min_interval_s,
+                   timeout_s=slack.timeout_s, retries=slack.retries, wandb_alerts=wandb_alerts)
+
+    def send(self, kind: str, text: str, *, rank: int, fields: Optional[dict] = None) -> bool:
+        """Queue an alert unless one of this kind from this rank went out recently.
+
+        ``rank`` is the sending rank (the message names it and this host); facts about other
+        ranks, such as straggler reports, belong in ``text``.
+        """
+        assert kind in _STYLE, f"unknown alert kind {kind!r}; use one of {KINDS}"
+        now = time.monotonic()
+        with self._idle:
+            last = self._last_sent.get((kind, rank))
+            if last is not None and now - last < self._min_interval_s:
+                return False
+            self._last_sent[(kind, rank)] = now
+            self._pending += 1
+        try:
+            self._queue.put_nowait((kind, text, rank, fields))
+        except queue.Full:
+            self._done()
+            log.warning("alert backlog full; dropped a %s alert", kind)
+            return False
+        return True
+
+    def send_now(self, kind: str, text: str, *, rank: int, fields: Optional[dict] = None,
+                 timeout_s: float = 10.0) -> None:
+        """Send and wait for delivery, for paths that exit right after (hang, fatal failure)."""
+        self.send(kind, text, rank=rank, fields=fields)
+        self.flush(timeout_s)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every queued alert was posted or given up on; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._idle:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Flush, then stop; a worker stuck on a dead endpoint dies with the process."""
+        if self.flush(timeout_s):
+            self._queue.put(None)
+            self._thread.join(timeout=1.0)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            kind, text, rank, fields = item
+            try:
+                self._deliver(kind, text, rank, fields)
+            except Exception as e:  # an alert must never take the rank down
+                log.warning("alert %s not delivered: %s", kind, type(e).__name__)
+            finally:
+                self._done()
+
+    def _done(self) -> None:
+        with self._idle:
+            self._pending -= 1
+            self._idle.notify_all()
+
+    def _deliver(self, kind: str, text: str, rank: int, fields: Optional[dict]) -> None:
+        body = render(kind, text, run_name=self._run_name, rank=rank, hostname=self._hostname,
+                      fields=fields)
+        if self._client is not None:
+            self._post(kind, body)
+        wandb = sys.modules.get("wandb")  # not imported means no W&B run to alert through
+        if self._wandb_alerts and wandb is not None and wandb.run is not None:
+            _, what, level = _STYLE[kind]
+            wandb.run.alert(title=f"{self._run_name}: {what}"[:63], text=body, level=level,
+                            wait_duration=self._min_interval_s)
+
+    def _post(self, kind: str, body: str) -> None:
+        """Retry connection errors, 429 and 5xx; other 4xx mean a bad URL or payload."""
+        for attempt in range(self._retries + 1):
+            if attempt:
+                time.sleep(min(self._backoff_s * 2 ** (attempt - 1), 30.0))
+            try:
+                status = self._client.send(text=body).status_code
+            except Exception as e:  # urllib raises on timeouts and refused connections
+                reason = type(e).__name__
+            else:
+                if status < 400:
+                    return
+                reason = f"HTTP {status}"
+                if status < 500 and status != 429:
+                    break
+            log.warning("Slack %s alert attempt %d failed: %s", kind, attempt + 1, reason)
+        log.warning("Slack %s alert given up", kind)
+
+
+class NullAlerts:
+    """Alerts switched off: same interface, does nothing."""
+
+    def send(self, kind: str, text: str, *, rank: int, fields: Optional[dict] = None) -> bool:
+        return False
+
+    def send_now(self, kind: str, text: str, *, rank: int, fields: Optional[dict] = None,
+                 timeout_s: float = 10.0) -> None:
+        pass
+
+    def flush(self, timeout_s: float) -> bool:
+        return True
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        pass

@@ -1,0 +1,142 @@
+"""W&B metrics from rank 0, and the progress line people read in the log.
+
+Name, group and tags derive from the config so a Hydra sweep groups in the W&B UI; the run id
+derives from the job so a Slurm requeue continues the same run. W&B reads its API key from
+``$WANDB_API_KEY`` itself; no secret from the environment reaches the logged config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from launch.schema import Layout, RunConfig
+
+log = logging.getLogger("megatron_ext.metrics")
+
+SWEEP_ENV = "SLURM_LLM_SWEEP_ID"
+"""Set by the launcher for a Hydra multirun; otherwise a Slurm array is taken as the sweep."""
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|WEBHOOK|CREDENTIAL", re.IGNORECASE)
+_REDACTED = "<redacted>"
+
+
+def layout_tag(layout: Layout) -> str:
+    """Compact layout for names and tags, e.g. ``tp2-pp2-dp4`` (size-1 dimensions left out)."""
+    parts = [f"{dim}{size}" for dim, size in
+             (("tp", layout.tp), ("pp", layout.pp), ("vpp", layout.vpp), ("cp", layout.cp),
+              ("dp", layout.dp)) if size > 1]
+    return "-".join(parts + (["sp"] if layout.sp else [])) or "single"
+
+
+def _sanitize(text: str, limit: int = 64) -> str:
+    """W&B ids allow letters, digits, '-' and '_'."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text)[:limit]
+
+
+def sweep_id(environ: Mapping[str, str]) -> Optional[str]:
+    return environ.get(SWEEP_ENV) or environ.get("SLURM_ARRAY_JOB_ID")
+
+
+def run_id(cfg: RunConfig, environ: Mapping[str, str]) -> str:
+    """Stable across requeues: Slurm keeps the job id; local reruns keep the checkpoint dir."""
+    if "SLURM_ARRAY_JOB_ID" in environ and "SLURM_ARRAY_TASK_ID" in environ:
+        job = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    elif "SLURM_JOB_ID" in environ:
+        job = environ["SLURM_JOB_ID"]
+    else:
+        job = hashlib.sha1(os.path.abspath(cfg.checkpoint.dir).encode()).hexdigest()[:12]
+    return _sanitize(f"{cfg.name}-{cfg.cluster.name}-{job}")
+
+
+def secret_values(environ: Mapping[str, str]) -> list[str]:
+    """Values of variables whose names look secret (long enough to be worth matching)."""
+    return [v for k, v in environ.items() if _SECRET_NAME.search(k) and len(v) >= 8]
+
+
+def redact(value: Any, secrets: list[str]) -> Any:
+    """A copy of a nested dict/list config with every secret substring replaced."""
+    if isinstance(value, dict):
+        return {k: redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, secrets) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, _REDACTED)
+    return value
+
+
+def wandb_settings(cfg: RunConfig, layout: Layout, environ: Mapping[str, str]) -> dict:
+    """Keyword arguments for ``wandb.init``, without ``dir``; pure for tests."""
+    sweep = sweep_id(environ)
+    tag = layout_tag(layout)
+    config = dataclasses.asdict(cfg) | {"layout": dataclasses.asdict(layout)}
+    return dict(
+        project=cfg.logging.wandb.project, entity=cfg.logging.wandb.entity or None,
+        mode=cfg.logging.wandb.mode, id=run_id(cfg, environ), resume="allow",
+        name=f"{cfg.name}-{cfg.model.name}-{tag}-{cfg.cluster.name}",
+        group=f"sweep-{sweep}" if sweep else cfg.name,
+        tags=[cfg.model.name, tag, cfg.cluster.name, f"world{layout.world_size}"]
+        + ([f"sweep-{sweep}"] if sweep else []),
+        config=redact(config, secret_values(environ)))
+
+
+class MetricsLogger:
+    """Rank 0's W&B run; build it with ``from_config`` so other ranks get a null logger."""
+
+    def __init__(self, settings: dict, run_dir: Path) -> None:
+        import wandb  # only rank 0 pays the import
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._run = wandb.init(dir=str(run_dir), **settings)
+        log.info("W&B run %s (%s) in %s mode", self._run.id, self._run.name, settings["mode"])
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *, rank: int, layout: Layout, run_dir: Path,
+                    environ: Optional[Mapping[str, str]] = None
+                    ) -> Union["MetricsLogger", "NullMetricsLogger"]:
+        if rank != 0 or cfg.logging.wandb.mode == "disabled":
+            return NullMetricsLogger()
+        return cls(wandb_settings(cfg, layout, os.environ if environ is None else environ),
+                   Path(run_dir))
+
+    @property
+    def run_id(self) -> str:
+        return self._run.id
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self._run.log(values, step=step)
+
+    def close(self, exit_code: int = 0) -> None:
+        self._run.finish(exit_code=exit_code)
+
+
+class NullMetricsLogger:
+    """No W&B on this rank: same interface, does nothing."""
+
+    run_id = None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def close(self, exit_code: int = 0) -> None:
+        pass
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def format_progress(step: int, steps: int, loss: float, lr: float, grad_norm: float,
+                    step_time_s: float, tokens_per_s: float, eta_s: float) -> str:
+    """One line per log interval, aligned so columns line up in a scrolling log."""
+    width = len(str(steps))
+    return (f"step {step:>{width}}/{steps} | loss {loss:.4f} | lr {lr:.3e} | "
+            f"grad norm {grad_norm:.3f} | {step_time_s * 1000:,.0f} ms/step | "
+            f"{tokens_per_s:,.0f} tokens/s | eta {_duration(eta_s)}")

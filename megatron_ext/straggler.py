@@ -1,0 +1,99 @@
+"""Straggler detection: which rank makes everyone else wait, and on which host.
+
+In synchronous training the slowest rank sets the step time, but the others only see longer
+collectives. Each rank times its own compute; every ``report_interval`` steps one all_gather
+of the per-rank mean compares them to the median. The caller times compute (CUDA events on
+GPU, wall clock on CPU) and decides what to do with the reports (log on rank 0, alert).
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from launch.schema import RunConfig
+
+
+@dataclass(frozen=True)
+class StragglerReport:
+    rank: int
+    """Global rank."""
+    hostname: str
+    slowdown: float
+    """Mean compute time of this rank divided by the median rank's."""
+    compute_s: float
+    """Mean compute seconds per step over the last interval."""
+    median_s: float
+
+    def describe(self) -> str:
+        return (f"rank {self.rank} on {self.hostname}: {self.slowdown:.2f}x the median "
+                f"({self.compute_s * 1000:.0f} ms vs {self.median_s * 1000:.0f} ms per step)")
+
+
+def find_stragglers(times: list[float], threshold: float) -> list[tuple[int, float]]:
+    """(index, slowdown) of every entry above threshold x the median, slowest first."""
+    median = statistics.median(times)
+    if median <= 0:
+        return []
+    slow = [(i, t / median) for i, t in enumerate(times) if t > threshold * median]
+    return sorted(slow, key=lambda item: -item[1])
+
+
+class StragglerDetector:
+    """Accumulates this rank's compute time; compares all ranks once per interval."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup], report_interval: int,
+                 threshold: float, rank: int, hostname: str) -> None:
+        self._group, self._interval, self._threshold = group, report_interval, threshold
+        self._hostname = hostname
+        self._hostnames: Optional[list[str]] = None  # gathered once, at the first report
+        self._global_ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+        assert rank in self._global_ranks, f"rank {rank} is not in the straggler group"
+        self._steps, self._total_s = 0, 0.0
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *, group: Optional[dist.ProcessGroup], rank: int,
+                    hostname: str) -> Union["StragglerDetector", "NullStragglerDetector"]:
+        """``group``: the ranks to compare (None for all); every member must call ``step``."""
+        s = cfg.resilience.straggler
+        if not s.enabled:
+            return NullStragglerDetector()
+        return cls(group, s.report_interval, s.threshold, rank, hostname)
+
+    def step(self, compute_seconds: float) -> list[StragglerReport]:
+        """Collective every ``report_interval`` calls: all ranks get the same reports."""
+        self._steps += 1
+        self._total_s += compute_seconds
+        if self._steps < self._interval:
+            return []
+        means = self._gather(self._total_s / self._steps)
+        self._steps, self._total_s = 0, 0.0  # each interval judges only its own steps
+        hostnames = self._gather_hostnames()
+        median = statistics.median(means)
+        return [StragglerReport(rank=self._global_ranks[i], hostname=hostnames[i],
+                                slowdown=slowdown, compute_s=means[i], median_s=median)
+                for i, slowdown in find_stragglers(means, self._threshold)]
+
+    def _gather(self, mean_s: float) -> list[float]:
+        """One float all_gather: cheaper than pickling objects every interval."""
+        device = "cuda" if dist.get_backend(self._group) == "nccl" else "cpu"
+        mine = torch.tensor([mean_s], dtype=torch.float64, device=device)
+        out = torch.empty(len(self._global_ranks), dtype=torch.float64, device=device)
+        dist.all_gather_into_tensor(out, mine, group=self._group)
+        return out.tolist()
+
+    def _gather_hostnames(self) -> list[str]:
+        if self._hostnames is None:
+            self._hostnames = [""] * len(self._global_ranks)
+            dist.all_gather_object(self._hostnames, self._hostname, group=self._group)
+        return self._hostnames
+
+
+class NullStragglerDetector:
+    """Straggler detection switched off: same interface, never reports."""
+
+    def step(self, compute_seconds: float) -> list[StragglerReport]:
+        return []

@@ -1,0 +1,148 @@
+"""Hang detection: a rank that completes no step in time dumps its stacks and exits non-zero.
+
+A hung collective blocks the main thread inside C code where no Python exception can reach
+it, so a daemon thread watches the time since the last ``beat()`` and ends the process with
+``os._exit``; the non-zero exit ends the Slurm step and lets the job be requeued.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from launch.schema import RunConfig, WatchdogConfig
+
+
+EXIT_CODE_HANG = 75
+"""Exit status of a rank the watchdog ended (EX_TEMPFAIL: a retry may succeed)."""
+
+_CALLBACK_TIMEOUT_S = 30.0  # on_hang (an alert) may not delay the exit longer than this
+
+
+def hang_timeout(cfg: WatchdogConfig, slowest_step_s: Optional[float]) -> float:
+    """Seconds without a completed step that count as a hang; None means no step completed."""
+    if slowest_step_s is None:
+        return cfg.first_step_timeout_s
+    if cfg.timeout_s is not None:
+        return cfg.timeout_s
+    return max(cfg.min_timeout_s, cfg.step_time_factor * slowest_step_s)
+
+
+class Watchdog:
+    """A daemon thread that ends the process when ``beat()`` stops coming."""
+
+    def __init__(self, cfg: WatchdogConfig, *, rank: int, dump_dir: Optional[Path] = None,
+                 on_hang: Optional[Callable[[str], None]] = None) -> None:
+        self._cfg, self._rank, self._on_hang = cfg, rank, on_hang
+        self._dump_dir = dump_dir
+        self._last_beat = time.monotonic()  # start-up counts against first_step_timeout_s
+        self._beats = 0
+        self._slowest_step_s: Optional[float] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *, rank: int, run_dir: Optional[Path] = None,
+                    on_hang: Optional[Callable[[str], None]] = None
+                    ) -> Union["Watchdog", "NullWatchdog"]:
+        """``on_hang`` gets a one-line message, e.g. ``partial(alerts.send_now, HANG, rank=r)``."""
+        if not cfg.resilience.watchdog.enabled:
+            return NullWatchdog()
+        return cls(cfg.resilience.watchdog, rank=rank,
+                   dump_dir=Path(run_dir) if run_dir is not None else None, on_hang=on_hang)
+
+    def beat(self) -> None:
+        """Call after every completed step; the gap since the last beat is that step's time."""
+        now = time.monotonic()
+        if self._beats:
+            step_s = now - self._last_beat
+            if self._slowest_step_s is None or step_s > self._slowest_step_s:
+                self._slowest_step_s = step_s
+        self._last_beat = now
+        self._beats += 1
+
+    @property
+    def timeout_s(self) -> float:
+        return hang_timeout(self._cfg, self._slowest_step_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+    def _watch(self) -> None:
+        while True:
+            timeout = self.timeout_s
+            idle = time.monotonic() - self._last_beat
+            if idle > timeout:
+                self._fire(idle, timeout)
+            # wake often enough to fire within ~10% of the timeout, at most once a second
+            if self._stop.wait(min(1.0, max(0.01, timeout / 10))):
+                return
+
+    def _fire(self, idle_s: float, timeout_s: float) -> None:
+        message = (f"rank {self._rank} on {socket.gethostname()}: no training step completed "
+                   f"for {idle_s:.0f} s (timeout {timeout_s:.0f} s, {self._beats} steps done); "
+                   f"dumped all stacks and exiting with {EXIT_CODE_HANG}")
+        print(f"WATCHDOG: {message}", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        if self._dump_dir is not None:
+            self._dump_to_files(message)
+        if self._on_hang is not None:
+            self._call_bounded(message)
+        sys.stderr.flush()
+        os._exit(EXIT_CODE_HANG)
+
+    def _dump_to_files(self, message: str) -> None:
+        try:
+            self._dump_dir.mkdir(parents=True, exist_ok=True)
+            with open(self._dump_dir / f"hang-stacks-rank{self._rank}.txt", "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+                f.flush()
+                faulthandler.dump_traceback(file=f, all_threads=True)
+            _dump_nccl_flight_recorder(self._dump_dir / f"nccl-trace-rank{self._rank}.pkl")
+        except Exception as e:  # the exit below matters more than the files
+            print(f"WATCHDOG: could not write dumps: {e!r}", file=sys.stderr, flush=True)
+
+    def _call_bounded(self, message: str) -> None:
+        """Run the callback on its own thread so a stuck alert cannot block the exit."""
+        def call() -> None:
+            try:
+                self._on_hang(message)
+            except Exception as e:
+                print(f"WATCHDOG: on_hang failed: {e!r}", file=sys.stderr, flush=True)
+
+        thread = threading.Thread(target=call, name="watchdog-on-hang", daemon=True)
+        thread.start()
+        thread.join(_CALLBACK_TIMEOUT_S)
+
+
+def _dump_nccl_flight_recorder(path: Path) -> None:
+    """NCCL's record of recent collectives shows which one each rank is stuck in.
+
+    Only when torch is loaded with CUDA; the buffer is filled only if the job set
+    TORCH_NCCL_TRACE_BUFFER_SIZE > 0 (otherwise the dump is empty but harmless).
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return
+    dump = getattr(torch._C._distributed_c10d, "_dump_nccl_trace", None)
+    if dump is not None:
+        path.write_bytes(dump())
+
+
+class NullWatchdog:
+    """Watchdog switched off: same interface, does nothing."""
+
+    timeout_s = float("inf")
+
+    def beat(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,48 @@
+"""Three real gloo ranks; one sleeps twice as long per step and must be named."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megatron_ext.straggler import StragglerDetector
+
+WORLD, INTERVAL, BASE_S, SLOW_RANK = 3, 4, 0.05, 1
+
+
+def run_phase(rank: int, slow_rank: int | None) -> list[dict]:
+    """Two report intervals of sleep-as-compute; returns the reports with their step."""
+    detector = StragglerDetector(None, report_interval=INTERVAL, threshold=1.5, rank=rank,
+                                 hostname=f"node{rank}")
+    reports = []
+    for step in range(1, 2 * INTERVAL + 1):
+        start = time.perf_counter()
+        time.sleep(BASE_S * (2 if rank == slow_rank else 1))
+        for report in detector.step(time.perf_counter() - start):
+            reports.append(dataclasses.asdict(report) | {"step": step})
+    return reports
+
+
+def rank_main(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    try:
+        results = {"injected": run_phase(rank, SLOW_RANK), "clean": run_phase(rank, None)}
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_slow_rank_is_reported_on_every_rank_and_only_when_slow(tmp_path):
+    mp.spawn(rank_main, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD)
+    results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(WORLD)]
+    assert all(r == results[0] for r in results)  # every rank gets the same reports
+    injected = results[0]["injected"]
+    assert injected and {r["rank"] for r in injected} == {SLOW_RANK}
+    assert injected[0]["step"] <= 2 * INTERVAL and injected[0]["hostname"] == f"node{SLOW_RANK}"
+    assert all(1.6 < r["slowdown"] < 2.6 for r in injected)
+    assert results[0]["clean"] == []

@@ -1,0 +1,140 @@
+"""Alerts against a real HTTP endpoint on loopback standing in for Slack's webhook."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from megatron_ext import alerts
+from megatron_ext.alerts import Alerts, NullAlerts
+from tests.conftest import make_config
+
+
+class Receiver:
+    """Webhook stand-in: records every post; answers with queued statuses, then 200."""
+
+    def __init__(self) -> None:
+        self.posts: list[str] = []
+        self.statuses: list[int] = []
+        self.delay_s = 0.0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.posts.append(json.loads(body)["text"])
+                time.sleep(receiver.delay_s)
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(b"ok" if status == 200 else b"error")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/services/T0/B0/TOPSECRET0042"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def wait_for(self, count: int, timeout_s: float = 5.0) -> list[str]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.posts) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.posts
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+
+
+def make_alerts(url: str, **overrides) -> Alerts:
+    kwargs = dict(run_name="llama-test", min_interval_s=60.0, timeout_s=1.0, retries=2,
+                  backoff_s=0.01, hostname="node-a")
+    return Alerts(url, **{**kwargs, **overrides})
+
+
+def test_every_kind_is_posted_with_its_content(receiver):
+    a = make_alerts(receiver.url)
+    for kind in alerts.KINDS:
+        assert a.send(kind, f"details of {kind}", rank=3, fields={"layout": "TP=2 PP=1"})
+    assert a.flush(5.0)
+    a.close()
+    assert len(receiver.posts) == len(alerts.KINDS)
+    for kind, text in zip(alerts.KINDS, receiver.posts):
+        assert text.startswith(alerts.headline(kind, "llama-test", 3, "node-a"))
+        assert f"details of {kind}" in text and "• layout: TP=2 PP=1" in text
+    assert "hang detected (rank 3 on node-a)" in receiver.posts[alerts.KINDS.index(alerts.HANG)]
+
+
+def test_one_alert_per_kind_and_rank_per_interval(receiver):
+    a = make_alerts(receiver.url, min_interval_s=0.5)
+    sent = [a.send(alerts.STRAGGLER, "slow", rank=1) for _ in range(3)]
+    sent += [a.send(alerts.STRAGGLER, "slow", rank=2), a.send(alerts.HANG, "stuck", rank=1)]
+    assert sent == [True, False, False, True, True]
+    time.sleep(0.6)
+    assert a.send(alerts.STRAGGLER, "still slow", rank=1)
+    a.close(5.0)
+    assert len(receiver.posts) == 4 and "still slow" in receiver.posts[-1]
+
+
+def test_server_errors_are_retried_client_errors_are_not(receiver):
+    receiver.statuses = [500, 503]
+    a = make_alerts(receiver.url, retries=3)
+    a.send(alerts.FAILURE, "RuntimeError: boom", rank=0)
+    assert a.flush(5.0)
+    assert len(receiver.posts) == 3  # two 5xx, then delivered
+    receiver.statuses = [404]
+    a.send(alerts.COMPLETE, "done", rank=0)
+    a.close(5.0)
+    assert len(receiver.posts) == 4
+
+
+@pytest.mark.parametrize("failure", ["errors", "never answers"])
+def test_broken_endpoint_never_stalls_the_caller(receiver, failure, caplog):
+    if failure == "errors":
+        receiver.statuses = [500] * 100
+    else:
+        receiver.delay_s = 3.0
+    a = make_alerts(receiver.url, timeout_s=0.3, retries=1)
+    caplog.set_level(logging.DEBUG)
+    slowest = 0.0
+    for rank in range(20):
+        start = time.perf_counter()
+        a.send(alerts.NAN_LOSS, "loss=nan at step 7", rank=rank)
+        slowest = max(slowest, time.perf_counter() - start)
+    assert slowest < 0.005, f"send() blocked for {slowest * 1000:.1f} ms"
+    start = time.perf_counter()
+    a.close(timeout_s=0.2)  # gives up flushing; the thread is a daemon
+    assert time.perf_counter() - start < 1.5
+    assert receiver.wait_for(1)
+    assert "TOPSECRET0042" not in caplog.text and receiver.url not in caplog.text
+
+
+def test_from_config_reads_the_url_only_from_the_environment(receiver, monkeypatch):
+    cfg = make_config()
+    monkeypatch.delenv(alerts.URL_ENV, raising=False)
+    assert isinstance(Alerts.from_config(cfg, rank=0), NullAlerts)  # slack disabled by default
+    cfg.logging.slack.enabled = True
+    assert isinstance(Alerts.from_config(cfg, rank=0), NullAlerts)  # enabled, but no URL
+    monkeypatch.setenv(alerts.URL_ENV, receiver.url)
+    a = Alerts.from_config(cfg, rank=1)
+    a.send_now(alerts.START, "TP=1 PP=1 DP=2", rank=1, timeout_s=5.0)
+    a.close()
+    assert receiver.posts and f"*{cfg.name}* started (rank 1" in receiver.posts[0]
+
+
+def test_null_alerts_do_nothing():
+    a = NullAlerts()
+    assert a.send(alerts.HANG, "x", rank=0) is False
+    assert a.flush(0.0)
+    a.send_now(alerts.HANG, "x", rank=0)
+    a.close()

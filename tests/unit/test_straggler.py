@@ -1,0 +1,35 @@
+"""Straggler arithmetic; the multi-process gloo test lives in tests/integration."""
+from __future__ import annotations
+
+import pytest
+
+from megatron_ext.straggler import (NullStragglerDetector, StragglerDetector, StragglerReport,
+                                    find_stragglers)
+from tests.conftest import make_config
+
+
+def test_no_straggler_among_equal_ranks():
+    assert find_stragglers([1.0, 1.05, 0.97, 1.02], threshold=1.5) == []
+
+
+def test_slow_ranks_are_found_relative_to_the_median_slowest_first():
+    found = find_stragglers([1.0, 1.6, 1.0, 3.0, 0.9], threshold=1.5)
+    assert [rank for rank, _ in found] == [3, 1]
+    assert found[0][1] == pytest.approx(3.0) and found[1][1] == pytest.approx(1.6)
+
+
+def test_threshold_is_exclusive_and_zero_times_report_nothing():
+    assert find_stragglers([1.0, 1.5, 1.0], threshold=1.5) == []
+    assert find_stragglers([0.0, 0.0, 0.0], threshold=1.5) == []
+
+
+def test_report_reads_well():
+    r = StragglerReport(rank=5, hostname="p5-node-7", slowdown=2.04, compute_s=0.51, median_s=0.25)
+    assert r.describe() == "rank 5 on p5-node-7: 2.04x the median (510 ms vs 250 ms per step)"
+
+
+def test_disabled_detector_is_a_null_object():
+    cfg = make_config("resilience.straggler.enabled=false")
+    detector = StragglerDetector.from_config(cfg, group=None, rank=0, hostname="h")
+    assert isinstance(detector, NullStragglerDetector)
+    assert detector.step(1.0) == []
