@@ -1,11 +1,12 @@
 """Turn a validated run into a submitit job: local processes (default) or a Slurm allocation.
 
-``rank_command`` and ``executor_params`` are pure; ``submit`` and ``follow`` do the I/O.
-Every rank runs ``python -m megatron_ext.train <run_dir>/config.yaml`` as an argv list, so
-no user value ever passes through a shell.
+``rank_command``, ``executor_params`` and ``dry_run_text`` are pure; ``submit`` and ``follow``
+do the I/O. Every rank runs ``python -m megatron_ext.train <run_dir>/config.yaml`` as an argv
+list; on Slurm, launch/sbatch.py renders (and quotes) the script around it.
 """
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -14,21 +15,53 @@ from typing import Any
 import submitit
 from submitit.helpers import CommandFunction
 
+from launch import sbatch
+from launch.config import ConfigError, to_yaml
 from launch.schema import RunConfig
 
 
 def rank_command(config_path: Path, python: str = sys.executable) -> list[str]:
-    return [python, "-m", "megatron_ext.train", str(config_path)]
+    return sbatch.rank_argv(config_path, python)
+
+
+def slurm_folder(cfg: RunConfig) -> Path:
+    """Per-job log folder, ``logs/<job id>/`` (submitit fills %j), one per submission."""
+    return Path(cfg.run_dir) / "logs" / "%j"
 
 
 def executor_params(cfg: RunConfig) -> dict[str, Any]:
     """submitit parameters: one task per rank; on a GPU node one task per GPU."""
     c = cfg.cluster
+    if c.kind == "slurm":
+        return sbatch.slurm_params(cfg)
     return {"nodes": c.nodes, "tasks_per_node": c.gpus_per_node, "timeout_min": c.timeout_min,
             "name": cfg.name}
 
 
-def make_executor(cfg: RunConfig, folder: Path) -> submitit.Executor:
+def shared_fs_problems(cfg: RunConfig) -> list[str]:
+    """Paths the compute nodes read or write must live on ``cluster.shared_dir`` when it is set."""
+    shared = cfg.cluster.shared_dir
+    if cfg.cluster.kind != "slurm" or not shared:
+        return []
+    paths = {"run_dir": cfg.run_dir, "checkpoint.dir": cfg.checkpoint.dir,
+             "data.tokenizer": cfg.data.tokenizer,
+             **{f"data.sources[{i}].path": s.path for i, s in enumerate(cfg.data.sources)}}
+    return [f"{key}={path} is not under cluster.shared_dir={shared}; the compute nodes cannot "
+            "reach it (launch from the shared filesystem, or point the path there)"
+            for key, path in paths.items() if path and not Path(path).is_relative_to(shared)]
+
+
+def dry_run_text(cfg: RunConfig, python: str = sys.executable) -> str:
+    """The resolved config and, on Slurm, the sbatch script a real launch would submit."""
+    text = to_yaml(cfg)
+    if cfg.cluster.kind == "slurm":
+        script = sbatch.render(cfg, Path(cfg.run_dir) / "config.yaml", slurm_folder(cfg), python)
+        warnings = "".join(f"warning: {p}\n" for p in shared_fs_problems(cfg))
+        text += f"\n{warnings}# ---- sbatch script ----\n{script}"
+    return text
+
+
+def _local_executor(cfg: RunConfig, folder: Path) -> submitit.Executor:
     if cfg.cluster.debug:
         executor: submitit.Executor = submitit.DebugExecutor(folder=folder)
     else:
@@ -39,11 +72,28 @@ def make_executor(cfg: RunConfig, folder: Path) -> submitit.Executor:
     return executor
 
 
+def _submit_slurm(cfg: RunConfig, config_path: Path) -> submitit.Job:
+    """``sbatch`` the rendered script through submitit's SlurmExecutor.
+
+    The ranks run the training module directly (``_submit_command``), not submitit's pickled
+    wrapper, which would swallow the pre-timeout signal; so the Job has no result pickle: read
+    state with squeue/scontrol and results from the run folder.
+    """
+    problems = shared_fs_problems(cfg) + sbatch.header_problems(cfg, slurm_folder(cfg))
+    if problems:
+        raise ConfigError(problems)
+    slurm_folder(cfg).parent.mkdir(parents=True, exist_ok=True)  # where submitit stages the script
+    executor = submitit.SlurmExecutor(folder=slurm_folder(cfg))
+    executor.update_parameters(**executor_params(cfg))
+    argv = rank_command(config_path, sbatch.rank_python(cfg.cluster, sys.executable))
+    return executor._submit_command(shlex.join(argv))
+
+
 def submit(cfg: RunConfig, config_path: Path) -> submitit.Job:
-    executor = make_executor(cfg, Path(cfg.run_dir) / "logs")
+    if cfg.cluster.kind == "slurm":
+        return _submit_slurm(cfg, config_path)
+    executor = _local_executor(cfg, Path(cfg.run_dir) / "logs")
     return executor.submit(CommandFunction(rank_command(config_path), cwd=str(Path.cwd())))
-
-
 def follow(job: submitit.Job, poll_s: float = 0.5) -> int:
     """Stream rank 0's output while the job runs; the exit code says whether every rank finished."""
     stdout = job.task(0).paths.stdout

@@ -18,3 +18,29 @@ def read_metrics(workdir: Path, name: str) -> list[dict]:
     for path in sorted((workdir / "runs" / name / "launches").glob("*/metrics.jsonl")):
         rows += [json.loads(line) for line in path.read_text().splitlines()]
     return sorted(rows, key=lambda r: r["step"])
+
+
+SLURM_DIR = Path("/tmp/slurm-llm-local")
+SLURM_CPU = ["cluster=slurm", "cluster.gpus_per_node=2", "cluster.cpus_per_task=1",
+             "cluster.exclusive=false", "cluster.gpus_per_node_directive=false", "data=synthetic"]
+"""The generic Slurm profile shrunk to the local test cluster: one node, 2 CPU ranks."""
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Path:
+    """A real one-host Slurm (slurm/local/start.sh); skipped only where it cannot run here."""
+    import os
+    import subprocess
+
+    from tests.conftest import REPO
+
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm needs root (munged, slurmctld, slurmd); CI runs as root")
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(SLURM_DIR)}
+    result = subprocess.run(["bash", str(REPO / "slurm" / "local" / "start.sh")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode == 77:
+        pytest.skip(f"cannot start a local Slurm here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    os.environ["SLURM_CONF"] = str(SLURM_DIR / "slurm.conf")  # sbatch, squeue, scontrol find it
+    return SLURM_DIR

@@ -1,0 +1,118 @@
+"""The sbatch script of a Slurm run, rendered by submitit's own template (pure: no I/O, no env).
+
+``slurm_params`` gives the keyword arguments of submitit's SlurmExecutor; ``render`` feeds them
+to the same function the executor calls at submission, so ``launch.dry_run=true`` prints exactly
+what ``sbatch`` receives. Each rank runs ``python -m megatron_ext.train <config.yaml>`` under
+srun directly (no pickled submitit wrapper), so its signal handler sees Slurm's signals.
+
+Values reach the script in two ways: ``#SBATCH`` lines (submitit ``shlex.quote``s them; a line
+break there would end the directive and start a shell line, so those must be one line) and the
+shell body (every user value goes through ``shlex.quote`` / ``shlex.join`` here). Nothing is
+read from the environment: secrets such as WANDB_API_KEY and SLACK_WEBHOOK_URL reach the ranks
+because Slurm propagates the submitter's environment (``--export=ALL``, its default).
+"""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from submitit.slurm.slurm import _make_sbatch_string
+
+from launch.schema import ClusterConfig, RunConfig
+
+REPO = Path(__file__).resolve().parent.parent
+REQUEUE_EXIT = 42
+"""A rank's exit code after it saved on the pre-timeout signal; mirrors megatron_ext.signals."""
+
+
+def rank_python(cluster: ClusterConfig, launcher_python: str) -> str:
+    """The interpreter of every rank: the shared venv's, the container's, or the launcher's."""
+    if cluster.venv:
+        return str(Path(cluster.venv) / "bin" / "python")
+    return "python" if cluster.container_image else launcher_python
+
+
+def rank_argv(config_path: Path, python: str) -> list[str]:
+    return [python, "-m", "megatron_ext.train", str(config_path)]
+
+
+def _setup_lines(c: ClusterConfig, repo: Path) -> list[str]:
+    lines = [
+        "# The submitter's environment reaches every rank (--export=ALL, Slurm's default):",
+        "# secrets such as WANDB_API_KEY and SLACK_WEBHOOK_URL are read there, never written here.",
+        'echo "job ${SLURM_JOB_ID} on ${SLURM_JOB_NODELIST}, restart ${SLURM_RESTART_COUNT:-0}"',
+    ]
+    if c.interconnect != "none":
+        lines.append("source " + shlex.quote(str(repo / "slurm" / "env" / f"{c.interconnect}.sh")))
+    lines += [f"export {key}={shlex.quote(value)}" for key, value in sorted(c.env.items())]
+    if c.healthcheck:
+        check = ["srun", f"--ntasks={c.nodes}", "--ntasks-per-node=1", "bash",
+                 str(repo / "slurm" / "healthcheck.sh"), str(c.gpus_per_node),
+                 f"{c.gpu_memory_gib:g}"]
+        lines.append(shlex.join(check) + ' || { echo "node health check failed; job stopped" >&2;'
+                     " exit 1; }")
+    return lines
+
+
+def _teardown_lines(c: ClusterConfig) -> list[str]:
+    """After srun: a job whose ranks saved on the pre-timeout signal asks Slurm to run it again.
+
+    The batch shell (on the host) requeues rather than a rank, because inside a container
+    ``scontrol`` is not available.
+    """
+    lines = ["rc=$?"]
+    if c.requeue:
+        lines.append(f'if [ "$rc" -eq {REQUEUE_EXIT} ]; then scontrol requeue "$SLURM_JOB_ID"; fi')
+    return lines + ['exit "$rc"']
+
+
+def _srun_args(c: ClusterConfig) -> list[str]:
+    args: list[str] = []
+    if c.auto_resume:
+        args.append("--auto-resume=1")
+    if c.container_image:
+        args.append(f"--container-image={c.container_image}")
+    if c.container_mounts:
+        args.append(f"--container-mounts={c.container_mounts}")
+    return args
+
+
+def slurm_params(cfg: RunConfig, repo: Path = REPO) -> dict[str, Any]:
+    """SlurmExecutor parameters: one task per GPU (rank), whole nodes, signal, requeue, setup."""
+    c = cfg.cluster
+    params: dict[str, Any] = {
+        "job_name": cfg.name, "nodes": c.nodes, "ntasks_per_node": c.gpus_per_node,
+        "cpus_per_task": c.cpus_per_task, "time": c.timeout_min, "wckey": None,
+        "setup": _setup_lines(c, repo), "teardown": _teardown_lines(c),
+        "srun_args": _srun_args(c),
+        # submitit's own --signal (USR2@90) is for its pickled wrapper, which is not used here.
+        "additional_parameters": {"signal": c.signal,
+                                  "requeue" if c.requeue else "no-requeue": True},
+    }
+    for key in ("partition", "account", "qos"):
+        if getattr(c, key):
+            params[key] = getattr(c, key)
+    if c.exclusive:
+        params["exclusive"] = True
+    if c.gpus_per_node_directive:
+        params["gpus_per_node"] = c.gpus_per_node
+    return params
+
+
+def header_problems(cfg: RunConfig, folder: Path) -> list[str]:
+    """Values that become ``#SBATCH`` lines must be one line, or the rest would run as shell."""
+    values = {"name": cfg.name, "run_dir": str(folder), **{
+        f"cluster.{k}": getattr(cfg.cluster, k) for k in ("partition", "account", "qos")}}
+    return [f"{key}={value!r} must be a single line to go into the sbatch script"
+            for key, value in values.items() if any(ch in value for ch in "\n\r\0")]
+
+
+def render(cfg: RunConfig, config_path: Path, folder: Path, python: str,
+           repo: Path = REPO) -> str:
+    """The sbatch script that ``submit`` hands to ``sbatch`` for this run."""
+    problems = header_problems(cfg, folder)
+    if problems:
+        raise ValueError("; ".join(problems))
+    command = shlex.join(rank_argv(config_path, rank_python(cfg.cluster, python)))
+    return _make_sbatch_string(command=command, folder=folder, **slurm_params(cfg, repo))

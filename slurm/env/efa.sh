@@ -1,0 +1,17 @@
+# EFA + NCCL environment for p4d/p5 nodes: the one place these values live. The sbatch of every
+# cluster.interconnect=efa profile sources it on each node before srun starts the ranks; a value
+# already in the submitter's environment (Slurm propagates it) wins over the default here.
+# Source: aws-samples/awsome-distributed-training, 1.architectures/efa-cheatsheet.md.
+
+# libfabric's EFA provider with GPUDirect RDMA. Defaults since libfabric 1.18 / aws-ofi-nccl 1.7,
+# needed with older aws-ofi-nccl, harmless on p4d/p5 with newer ones.
+export FI_PROVIDER=${FI_PROVIDER:-efa}
+export FI_EFA_USE_DEVICE_RDMA=${FI_EFA_USE_DEVICE_RDMA:-1}
+# fork() from data-loader workers fails with ENOMEM when huge pages run out; minor cost.
+export FI_EFA_USE_HUGE_PAGE=${FI_EFA_USE_HUGE_PAGE:-0}
+# Only needed on kernels < 5.15; a no-op after. (Never RDMAV_FORK_SAFE: it breaks newer kernels.)
+export FI_EFA_FORK_SAFE=${FI_EFA_FORK_SAFE:-1}
+# NCCL's bootstrap/socket traffic on the ENA interface ("en" matches p4d and p5 names).
+export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-en}
+# Left at NCCL's defaults on purpose: NCCL_PROTO (simple only for aws-ofi-nccl <= 1.5),
+# NCCL_BUFFSIZE, NCCL_MIN_NCHANNELS.

@@ -1,0 +1,170 @@
+"""The Slurm job script: golden files, quoting, secrets, and the requeue contract with the ranks.
+
+Rendering is pure, so these run in milliseconds without Slurm. Paths, the interpreter and the
+repository location are fixed so the golden files are byte-for-byte reproducible; regenerate
+them with ``UPDATE_GOLDEN=1 pytest tests/unit/test_sbatch.py`` and review the diff by eye.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from launch import sbatch
+from launch.config import with_values
+from launch.submit import dry_run_text, executor_params, shared_fs_problems
+from megatron_ext.signals import REQUEUE_EXIT, StopSignals
+from tests.conftest import REPO, make_config
+
+GOLDEN = REPO / "tests" / "golden"
+FIXED_REPO = Path("/opt/slurm-llm")
+RUN = Path("/fsx/runs/llama/launches/2025-01-01_00-00-00")
+
+
+def _render(*overrides: str, run: Path = RUN, repo: Path = FIXED_REPO,
+            changes: dict[str, Any] | None = None) -> str:
+    """Hostile values go in through ``changes`` (no Hydra override grammar in the way)."""
+    cfg = with_values(make_config(*overrides), **{
+        "run_dir": str(run), "checkpoint.dir": f"{RUN.parent.parent}/checkpoints", **(changes or {})})
+    return sbatch.render(cfg, run / "config.yaml", run / "logs" / "%j", "/usr/bin/python3", repo)
+
+
+@pytest.mark.parametrize("golden, overrides", [
+    ("hyperpod_p5_4nodes.sbatch", ["cluster=hyperpod_p5", "cluster.nodes=4", "name=llama"]),
+    ("pcs_p5_2nodes.sbatch", ["cluster=pcs_p5", "cluster.nodes=2", "name=llama"]),
+])
+def test_sbatch_matches_golden_file(golden: str, overrides: list[str]) -> None:
+    text = _render(*overrides)
+    if os.environ.get("UPDATE_GOLDEN"):
+        (GOLDEN / golden).write_text(text)
+    assert text == (GOLDEN / golden).read_text()
+
+
+def test_hyperpod_and_pcs_differ_where_the_platforms_do() -> None:
+    hyperpod, pcs = _render("cluster=hyperpod_p5"), _render("cluster=pcs_p5")
+    assert "--auto-resume=1" in hyperpod and "--auto-resume" not in pcs
+    assert "--gpus-per-node" not in hyperpod and "#SBATCH --gpus-per-node=8" in pcs
+    assert "--container-image=/fsx/apps/slurm-llm.sqsh" in hyperpod
+    assert "/fsx/venvs/slurm-llm/bin/python -m megatron_ext.train" in pcs
+    for text in (hyperpod, pcs):
+        assert "#SBATCH --exclusive" in text and "#SBATCH --requeue" in text
+        assert "#SBATCH --signal=USR1@120" in text and "#SBATCH --ntasks-per-node=8" in text
+        assert "source /opt/slurm-llm/slurm/env/efa.sh" in text
+
+
+def test_secrets_in_the_environment_never_reach_the_script(monkeypatch) -> None:
+    monkeypatch.setenv("SLACK_WEBHOOK_URL", "https://hooks.example/T000-SECRET-hook")
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-key-0123456789-SECRET")
+    cfg = make_config("cluster=hyperpod_p5", "logging.wandb.mode=online",
+                      "logging.slack.enabled=true", run_dir=str(RUN))
+    for text in (_render("cluster=hyperpod_p5", "logging.wandb.mode=online"), dry_run_text(cfg)):
+        assert "T000-SECRET-hook" not in text and "0123456789-SECRET" not in text
+
+
+def test_secret_looking_env_entries_and_multiline_directives_are_refused() -> None:
+    cfg = with_values(make_config("cluster=slurm"), **{
+        "cluster.env": {"WANDB_API_KEY": "abc"}, "cluster.partition": "gpu\ntouch /tmp/x #",
+        "cluster.signal": "KILL@10"})
+    problems = "\n".join(cfg.cluster.problems())
+    assert "cluster.env.WANDB_API_KEY looks like a secret" in problems
+    assert "cluster.partition=" in problems and "must be a single line" in problems
+    assert "cluster.signal='KILL@10'" in problems
+    with pytest.raises(ValueError, match="single line"):
+        sbatch.render(cfg, RUN / "config.yaml", RUN / "logs", "python")
+
+
+NASTY = ["; touch {canary}", "$(touch {canary})", "`touch {canary}`", "' ; touch {canary} ; '",
+         '" ; touch {canary} ; "', "x\ntouch {canary}"]
+
+
+def _stub(bin_dir: Path, name: str, record: Path) -> None:
+    """A stand-in for a Slurm command that records its argv, NUL-separated, one call a line."""
+    path = bin_dir / name
+    path.write_text(f'#!/bin/bash\nprintf "%s\\0" {name} "$@" >> {record}\necho >> {record}\n')
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("nasty", NASTY)
+def test_hostile_values_are_data_not_commands(nasty: str, tmp_path: Path) -> None:
+    """Run the rendered script under bash with srun/scontrol stubbed: nothing injected runs."""
+    canary = tmp_path / "canary"
+    value = nasty.format(canary=canary)
+    one_line = value.replace("\n", " ")  # #SBATCH values must be one line (refused otherwise)
+    run = tmp_path / f"run {one_line}"
+    text = _render("cluster=hyperpod_p5", run=run, repo=REPO, changes={
+        "name": one_line, "cluster.partition": one_line, "cluster.container_image": value,
+        "cluster.container_mounts": value, "cluster.env": {"USER_VALUE": value}})
+    bin_dir, record = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    for name in ("srun", "scontrol"):
+        _stub(bin_dir, name, record)
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7"}
+    subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30,
+                   check=True)
+    assert not canary.exists()
+    calls = [c.split("\0") for c in record.read_text().split("\0\n") if c]
+    train = next(c for c in calls if "megatron_ext.train" in c)
+    assert f"--container-image={value}" in train and f"--container-mounts={value}" in train
+    assert train[-1] == str(run / "config.yaml")
+
+
+def test_values_reach_the_environment_verbatim(tmp_path: Path) -> None:
+    value = "a b;$(c)`d`'e\"f\ng"
+    text = _render("cluster=slurm", "cluster.healthcheck=false", repo=REPO,
+                   changes={"cluster.env": {"USER_VALUE": value}})
+    setup = text.split("# command")[0] + 'printf "%s" "$USER_VALUE"\n'
+    out = subprocess.run(["bash", "-c", setup], capture_output=True, text=True, check=True)
+    assert out.stdout.endswith(value)
+
+
+def test_requeue_exit_code_is_shared_by_ranks_and_script() -> None:
+    assert sbatch.REQUEUE_EXIT == REQUEUE_EXIT
+    assert f'if [ "$rc" -eq {REQUEUE_EXIT} ]; then scontrol requeue' in _render("cluster=pcs_p5")
+    assert "scontrol requeue" not in _render("cluster=pcs_p5", "cluster.requeue=false")
+
+
+@pytest.mark.parametrize("signame, code", [("SIGUSR1", REQUEUE_EXIT), ("SIGTERM", 128 + 15)])
+def test_a_signal_sets_the_flag_the_loop_polls(signame: str, code: int) -> None:
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        stop = StopSignals("USR1@120")
+        assert not stop.requested()
+        os.kill(os.getpid(), getattr(signal, signame))
+        assert stop.requested() and stop.exit_code == code
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def test_local_parameters_are_unchanged_and_shared_paths_are_checked() -> None:
+    assert executor_params(make_config()) == {"nodes": 1, "tasks_per_node": 2,
+                                              "timeout_min": 60, "name": "demo"}
+    cfg = make_config("cluster=pcs_p5", "data=synthetic", run_dir="/home/me/run")
+    assert [p.split("=")[0] for p in shared_fs_problems(cfg)] == ["run_dir", "checkpoint.dir"]
+
+
+def _healthcheck(tmp_path: Path, smi_output: str) -> subprocess.CompletedProcess:
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/bash\ncat <<'EOF'\n{smi_output}EOF\n")  # as --format=csv,noheader
+    smi.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", str(REPO / "slurm" / "healthcheck.sh"), "2", "80"], env=env,
+                          capture_output=True, text=True)
+
+
+def test_healthcheck_names_the_node_and_the_fault(tmp_path: Path) -> None:
+    node = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    assert _healthcheck(tmp_path, "0, 81559, 0\n1, 81559, 0\n").returncode == 0
+    missing = _healthcheck(tmp_path, "0, 81559, 0\n")
+    assert missing.returncode == 1
+    assert f"healthcheck FAILED on {node}: 1 GPUs visible, expected 2" in missing.stderr
+    ecc = _healthcheck(tmp_path, "0, 81559, 0\n1, 81559, 3\n")
+    assert "GPU 1 has 3 uncorrected ECC errors" in ecc.stderr
+    small = _healthcheck(tmp_path, "0, 40960, 0\n1, 81559, 0\n")
+    assert "GPU 0 has 40960 MiB" in small.stderr
