@@ -71,22 +71,12 @@ def train_tokenizer(corpus: Path, out: Path, vocab_size: int) -> None:
 
 
 def write_indexed_dataset(corpus: Path, tokenizer_path: Path, prefix: Path) -> int:
-    """Each document is its tokens followed by end-of-document, as Megatron's preprocessor does."""
-    import numpy
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    from tokenizers import Tokenizer
+    """Each document is its tokens followed by end-of-document (tools.prepare_data's format)."""
+    from tools.prepare_data import prepare as prepare_dataset
+    from tools.text_filters import Options
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    eod = tokenizer.token_to_id(EOD_TOKEN)
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.uint16)
-    tokens = 0
-    for line in corpus.open():
-        ids = tokenizer.encode(json.loads(line)["text"]).ids + [eod]
-        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-        tokens += len(ids)
-    builder.finalize(f"{prefix}.idx")
-    return tokens
+    report = prepare_dataset([corpus], tokenizer_path, prefix, Options(), workers=1)
+    return report["total"]["tokens"]
 
 
 def prepare(out_dir: Path, vocab_size: int = 512) -> Path:

@@ -1,0 +1,77 @@
+"""Start continued pre-training from pretrained weights (``train.init_from``), for any layout.
+
+Unlike resuming, only the model weights are taken: the optimizer and the learning-rate
+schedule start fresh. Each rank reads the full tensor of every shard it holds and keeps its
+slice, located by the ``ShardedTensor`` global offsets, exactly as
+``model.init_layout_independent`` places its draws; so TP, PP, VPP and DP all start from
+the same model. One full matrix is in memory at a time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.models.gpt import GPTModel
+
+from launch.schema import ModelConfig
+from megatron_ext import commit
+from megatron_ext.checkpoint import listing
+from megatron_ext.hf_llama import WeightSource, model_problems, open_weights
+from megatron_ext.model import _shards
+
+_PADDED_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def has_checkpoint(checkpoint_dir: str) -> bool:
+    """A committed checkpoint exists, so the run resumes from it instead of ``init_from``."""
+    return bool(commit.committed_steps(listing(Path(checkpoint_dir))))
+
+
+def storage_key(shard: ShardedTensor) -> str:
+    """``decoder.layers.<rest>`` with the shard's global layer index put back in."""
+    if shard.prepend_axis_num == 0:
+        return shard.key
+    assert shard.prepend_axis_num == 1 and shard.key.startswith("decoder.layers."), shard.key
+    return f"decoder.layers.{shard.global_offset[0]}.{shard.key[len('decoder.layers.'):]}"
+
+
+def _pad_rows(key: str, full: torch.Tensor, rows: int) -> torch.Tensor:
+    """Megatron pads the vocabulary to a multiple of 128*TP; the padding rows start at zero."""
+    if key.endswith(_PADDED_ROWS) and full.shape[0] < rows:
+        return torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
+    return full
+
+
+@torch.no_grad()
+def copy_shard(shard: ShardedTensor, full: torch.Tensor) -> None:
+    """Copy this rank's slice of ``full`` (the tensor without the layer axis) into the shard."""
+    global_shape = shard.global_shape[shard.prepend_axis_num:]
+    full = _pad_rows(shard.key, full, global_shape[0])
+    if tuple(full.shape) != tuple(global_shape):
+        raise ValueError(f"{shard.key}: pretrained shape {tuple(full.shape)}, the model "
+                         f"expects {tuple(global_shape)}")
+    offsets = shard.global_offset[shard.prepend_axis_num:]
+    index = tuple(slice(o, o + n) for o, n in zip(offsets, shard.local_shape))
+    shard.data.copy_(full[index].to(shard.data.dtype))
+
+
+def load_pretrained(chunks: list[GPTModel], path: str, model_cfg: ModelConfig) -> WeightSource:
+    """Overwrite every weight of this rank's chunks with the pretrained model at ``path``.
+
+    ``path`` is a Hugging Face Llama directory or one converted by ``tools.convert_hf``.
+    """
+    source = open_weights(path)
+    problems = model_problems(source.model, model_cfg)
+    if problems:
+        raise ValueError(f"train.init_from={path}: the model config does not match:\n  "
+                         + "\n  ".join(problems))
+    for chunk in chunks:
+        shards: dict[str, list[ShardedTensor]] = {}
+        for shard in _shards(chunk):
+            shards.setdefault(storage_key(shard), []).append(shard)
+        for key, group in shards.items():  # SwiGLU's fc1 is two shards of one tensor
+            full = source.tensor(key)
+            for shard in group:
+                copy_shard(shard, full)
+    return source
