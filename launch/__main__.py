@@ -10,7 +10,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hydra.errors import HydraException
 
-from launch.config import CONF_DIR, compose, register_schema, to_run_config, to_yaml, validate
+from launch.config import CONF_DIR, compose, register_schema, to_run_config, validate
 from launch.prepare import absolutize, choose_layout, prepare_data, write_run_dir
 from launch.schema import RunConfig
 
@@ -57,7 +57,9 @@ def main(raw: DictConfig) -> None:
         sys.exit(2)
     print(f"layout: {layout.describe()}{note}")
     if cfg.launch.dry_run:
-        print(to_yaml(cfg))
+        from launch.submit import dry_run_text
+
+        print(dry_run_text(cfg))
         return
     prepare_data(cfg)
     config_path = write_run_dir(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from launch.config import derive_layout, to_yaml
+from launch.config import derive_layout, to_yaml, validate
 from launch.schema import DataSource, Layout, RunConfig
 
 
@@ -18,21 +18,37 @@ def absolutize(cfg: RunConfig, base: Path) -> RunConfig:
         cfg.data, tokenizer=_absolute(cfg.data.tokenizer, base) if cfg.data.tokenizer else "",
         sources=[DataSource(path=_absolute(s.path, base), weight=s.weight) for s in cfg.data.sources])
     checkpoint = dataclasses.replace(cfg.checkpoint, dir=_absolute(cfg.checkpoint.dir, base))
+    train = dataclasses.replace(
+        cfg.train, init_from=_absolute(cfg.train.init_from, base) if cfg.train.init_from else "")
     return dataclasses.replace(cfg, run_dir=_absolute(cfg.run_dir, base), data=data,
-                               checkpoint=checkpoint)
+                               checkpoint=checkpoint, train=train)
 
 
 def choose_layout(cfg: RunConfig) -> tuple[RunConfig, Layout, str]:
-    """The explicit layout, or for ``parallel=auto`` a default written back into the config.
+    """The explicit layout, or for ``parallel=auto`` the planner's best, written into the config.
 
-    The config the ranks read always holds an explicit layout, so they never plan.
+    The config the ranks read always holds an explicit layout, so they never plan. GPU clusters
+    also get the memory check: an explicit layout predicted not to fit is refused.
     """
+    from tools.planner import configure, explain_no_fit, plan
+
     if not cfg.parallel.auto:
-        return cfg, derive_layout(cfg), ""
-    parallel = dataclasses.replace(cfg.parallel, auto=False, tp=1, pp=1, vpp=1, cp=1, dp=None,
-                                   sp=False)
-    cfg = dataclasses.replace(cfg, parallel=parallel)
-    return cfg, derive_layout(cfg), " (parallel=auto: pure data parallelism)"
+        layout = derive_layout(cfg)
+        if cfg.cluster.kind == "slurm" and not validate(cfg, layout):
+            refusal = explain_no_fit(cfg, layout)
+            if refusal:
+                raise SystemExit(f"error: {refusal}")
+        return cfg, layout, ""
+    ranked = plan(cfg)
+    if not ranked:
+        raise SystemExit(f"error: parallel=auto: no layout of {cfg.model.name} fits "
+                         f"{cfg.cluster.world_size} GPUs of {cfg.cluster.gpu_memory_gib} GiB; "
+                         "add nodes or raise train.recompute")
+    best = ranked[0]
+    cfg = configure(cfg, best)
+    return cfg, best.layout, (f" (parallel=auto: predicted {best.peak_gib:.1f} GiB/GPU, "
+                              f"{best.step_time_s:.2f} s/step, micro-batch "
+                              f"{cfg.train.micro_batch_size}, recompute {cfg.train.recompute})")
 
 
 def prepare_data(cfg: RunConfig) -> None:

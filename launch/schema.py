@@ -8,6 +8,8 @@ and what is allowed; ``launch.config.validate`` adds the cross-section rules.
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -18,6 +20,11 @@ RECOMPUTE = ("none", "selective", "full")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 DATA_KINDS = ("synthetic", "indexed")
 CLUSTER_KINDS = ("local", "slurm")
+INTERCONNECTS = ("none", "efa")
+SIGNAL_SPEC = re.compile(r"(USR1|USR2|TERM|INT|HUP|URG)@[0-9]{1,5}")
+"""Signals a rank can catch without side effects, and seconds before the time limit."""
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|WEBHOOK", re.IGNORECASE)
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -110,7 +117,11 @@ class ParallelConfig:
 
 @dataclass
 class ClusterConfig:
-    """Where the job runs: the local machine (default) or a Slurm cluster profile."""
+    """Where the job runs: the local machine (default) or a Slurm cluster profile.
+
+    The Slurm fields are rendered into the sbatch script by launch/sbatch.py; every string
+    reaching it is shell-quoted, and those that become ``#SBATCH`` lines must be one line.
+    """
 
     name: str = "local"
     kind: str = "local"
@@ -118,10 +129,49 @@ class ClusterConfig:
     gpus_per_node: int = 2
     """Ranks per node: GPUs on a GPU node, CPU processes on the local cluster."""
     gpu_memory_gib: float = 80.0
+    """Memory per GPU; the planner budgets with it and the health check expects it."""
     cpus_per_task: int = 1
     debug: bool = False
     """Local only: run a single rank in the foreground (submitit DebugExecutor); world size 1."""
     timeout_min: int = 60
+    """Wall-clock limit (``--time``); the pre-timeout signal arrives before it."""
+    partition: str = ""
+    """Slurm partition (a PCS queue, a HyperPod instance group's partition); empty: the default."""
+    account: str = ""
+    """``--account`` to charge; empty: the user's default."""
+    qos: str = ""
+    """``--qos``; empty: the association's default."""
+    exclusive: bool = False
+    """Whole nodes (``--exclusive``): GPU training never shares a node."""
+    gpus_per_node_directive: bool = False
+    """Request GPUs with ``--gpus-per-node``. PCS registers GPUs as GRES, so it works there;
+    HyperPod registers them only with accounting on, so its profiles rely on ``--exclusive``."""
+    container_image: str = ""
+    """pyxis/enroot image for the ranks (``srun --container-image``), e.g. a squashfs on FSx;
+    empty: ranks run on the host with ``venv``'s (or the launching) Python."""
+    container_mounts: str = ""
+    """``srun --container-mounts`` (``src:dst[,src:dst]``), e.g. the shared filesystem."""
+    venv: str = ""
+    """Virtual environment on shared storage whose ``bin/python`` runs the ranks; empty: the
+    launching interpreter, or ``python`` inside ``container_image``."""
+    shared_dir: str = ""
+    """Filesystem every node mounts (FSx for Lustre): run folder, data and checkpoints must live
+    under it; empty: not checked."""
+    interconnect: str = "none"
+    """Network environment sourced on each node from ``slurm/env/<interconnect>.sh`` (efa: EFA
+    and NCCL settings); none: nothing."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for the ranks, written into the sbatch: never secrets (those come from
+    the submitter's environment, which Slurm propagates)."""
+    auto_resume: bool = False
+    """HyperPod only: ``srun --auto-resume=1`` re-runs the training step on a replaced node."""
+    requeue: bool = True
+    """``--requeue``: preemption or node failure puts the job back in the queue, and a rank
+    that saved on the pre-timeout signal asks for a requeue; the rerun resumes."""
+    signal: str = "USR1@120"
+    """``--signal``: SIGNAL@SECONDS before the time limit, the ranks save and exit to be requeued."""
+    healthcheck: bool = True
+    """Run slurm/healthcheck.sh on every node before training (a no-op without nvidia-smi)."""
 
     @property
     def world_size(self) -> int:
@@ -129,6 +179,7 @@ class ClusterConfig:
 
     def problems(self) -> list[str]:
         out = choice_problem("cluster.kind", self.kind, CLUSTER_KINDS)
+        out += choice_problem("cluster.interconnect", self.interconnect, INTERCONNECTS)
         for name in ("nodes", "gpus_per_node", "cpus_per_task", "timeout_min"):
             out += positive_problem(f"cluster.{name}", getattr(self, name))
         out += positive_problem("cluster.gpu_memory_gib", self.gpu_memory_gib)
@@ -138,6 +189,18 @@ class ClusterConfig:
         if self.kind == "local" and self.nodes != 1:
             out.append(f"cluster.nodes={self.nodes} is not possible with cluster.kind=local; "
                        "use 1, or a Slurm profile such as cluster=slurm")
+        for name in ("name", "partition", "account", "qos", "container_image",
+                     "container_mounts", "venv", "shared_dir"):
+            if any(ch in getattr(self, name) for ch in "\n\r\0"):
+                out.append(f"cluster.{name}={getattr(self, name)!r} must be a single line")
+        if not SIGNAL_SPEC.fullmatch(self.signal):
+            out.append(f"cluster.signal={self.signal!r} must be SIGNAL@SECONDS, e.g. USR1@120")
+        for key in self.env:
+            if not ENV_NAME.fullmatch(key):
+                out.append(f"cluster.env: {key!r} is not a valid environment variable name")
+            elif SECRET_NAME.search(key):
+                out.append(f"cluster.env.{key} looks like a secret; secrets are never written "
+                           "into the job script: export it where you run sbatch instead")
         return out
 
 
@@ -160,9 +223,16 @@ class TrainConfig:
     """Draw each weight whole from its global name, so every layout starts from the same model
     (one full matrix at a time on the CPU: for small and medium models)."""
     log_interval: int = 10
+    init_from: str = ""
+    """Continued pre-training: start from these weights (a Hugging Face Llama directory or one
+    written by ``tools.convert_hf import``) with a fresh optimizer and lr schedule; ignored when
+    a checkpoint to resume from exists. Empty: random initialisation."""
 
     def problems(self) -> list[str]:
         out = choice_problem("train.precision", self.precision, PRECISIONS)
+        if self.init_from and not os.path.isdir(self.init_from):
+            out.append(f"train.init_from={self.init_from!r} is not a directory; give a Hugging "
+                       "Face Llama directory or one written by python -m tools.convert_hf import")
         out += choice_problem("train.recompute", self.recompute, RECOMPUTE)
         out += choice_problem("train.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
         for name in ("steps", "global_batch_size", "micro_batch_size", "seq_length", "lr",
@@ -203,15 +273,43 @@ class OptimizerConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Distributed checkpoints: asynchronous writes, atomic commit, exact resume (issue 5)."""
+
     dir: str = "???"
     """Where committed checkpoints live; stable across requeues so a rerun resumes."""
     save_interval: int = 100
     """Steps between saves; 0 saves only at the end."""
     save_on_exit: bool = True
+    """Save after the last step, so a finished run can be continued or converted."""
+    async_save: bool = True
+    """Write shards in a background process while training goes on; false blocks until
+    written (slower, for debugging the writer)."""
+    interval_minutes: float = 0.0
+    """Also save when this much wall-clock time passed since the last save; 0 disables.
+    Bounds the work lost on long steps, where a step interval is hard to pick."""
+    keep_last: int = 3
+    """Committed checkpoints kept (newest first); older ones are deleted after a commit."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this, for evaluation; 0: none."""
+    on_corrupt: str = "fallback"
+    """The newest committed checkpoint fails verification or loading: ``fallback`` to the
+    previous committed one (with a warning), or ``error`` to stop the run."""
+    optimizer_format: str = "dp_reshardable"
+    """How the distributed optimizer's state is stored. ``dp_reshardable`` (megatron-LM's
+    default): every rank writes its own shard, no communication; reloads only into a layout
+    that differs in DP alone. ``fully_reshardable``: gathered per parameter on DP rank 0
+    (slow: measured 10x the blocking time on CPU); reloads into any TP/PP/DP layout."""
 
     def problems(self) -> list[str]:
-        return [] if self.save_interval >= 0 else [
-            f"checkpoint.save_interval={self.save_interval} must be >= 0"]
+        out = [f"checkpoint.{name}={getattr(self, name)} must be >= 0"
+               for name in ("save_interval", "interval_minutes", "keep_every")
+               if getattr(self, name) < 0]
+        if self.keep_last < 1:
+            out.append(f"checkpoint.keep_last={self.keep_last} must be >= 1 (the run resumes "
+                       "from the newest checkpoint)")
+        out += choice_problem("checkpoint.optimizer_format", self.optimizer_format,
+                              ("dp_reshardable", "fully_reshardable"))
+        return out + choice_problem("checkpoint.on_corrupt", self.on_corrupt, ("fallback", "error"))
 
 
 @dataclass

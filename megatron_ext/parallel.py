@@ -56,3 +56,7 @@ def shutdown() -> None:
     if dist.is_initialized():
         ps.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
