@@ -19,6 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from launch.schema import Layout, ModelConfig, TrainConfig
 from megatron_ext import parallel
+from tools.flops import padded_vocab_size
 
 # Megatron scales the init of the two projections that write into the residual stream.
 _RESIDUAL_OUTPUT_WEIGHTS = ("linear_proj.weight", "linear_fc2.weight")
@@ -27,12 +28,6 @@ _RESIDUAL_OUTPUT_WEIGHTS = ("linear_proj.weight", "linear_fc2.weight")
 def param_dtype(train: TrainConfig, use_gpu: bool) -> torch.dtype:
     """bf16 weights on GPU (fp32 master copies live in the optimizer); fp32 on CPU."""
     return torch.bfloat16 if use_gpu and train.precision in ("bf16", "fp8") else torch.float32
-
-
-def padded_vocab_size(model: ModelConfig, tp: int) -> int:
-    """Megatron's rule: embedding rows padded to a multiple of make_vocab_size_divisible_by*tp."""
-    multiple = model.make_vocab_size_divisible_by * tp
-    return math.ceil(model.vocab_size / multiple) * multiple
 
 
 def transformer_config(model: ModelConfig, train: TrainConfig, layout: Layout,
