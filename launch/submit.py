@@ -6,14 +6,17 @@ list; on Slurm, launch/sbatch.py renders (and quotes) the script around it.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.helpers import CommandFunction
 
 from launch import sbatch
 from launch.config import ConfigError, to_yaml
@@ -93,7 +96,26 @@ def submit(cfg: RunConfig, config_path: Path) -> submitit.Job:
     if cfg.cluster.kind == "slurm":
         return _submit_slurm(cfg, config_path)
     executor = _local_executor(cfg, Path(cfg.run_dir) / "logs")
-    return executor.submit(CommandFunction(rank_command(config_path), cwd=str(Path.cwd())))
+    return executor.submit(run_rank, rank_command(config_path), str(Path.cwd()))
+
+
+def run_rank(argv: list[str], cwd: str) -> None:
+    """One local rank, as a task of submitit's local executor.
+
+    The rank writes straight to the task's log (no pipe to drain), and when it ends, however it
+    ends, its process group is killed: megatron's async-checkpoint worker must not outlive a
+    SIGKILLed rank and keep the job alive.
+    """
+    process = subprocess.Popen(argv, cwd=cwd, start_new_session=True)
+    try:
+        code = process.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    if code != 0:
+        raise RuntimeError(f"rank exited with code {code}: {shlex.join(argv)}")
+
+
 def follow(job: submitit.Job, poll_s: float = 0.5) -> int:
     """Stream rank 0's output while the job runs; the exit code says whether every rank finished."""
     stdout = job.task(0).paths.stdout
