@@ -5,13 +5,16 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hydra.errors import HydraException
 
 from launch.config import CONF_DIR, compose, register_schema, to_run_config, validate
-from launch.prepare import absolutize, choose_layout, prepare_data, write_run_dir
+from launch.prepare import (absolutize, choose_layout, for_sweep_point, prepare_data,
+                            write_run_dir)
 from launch.schema import RunConfig
 
 
@@ -49,6 +52,9 @@ def _typed(cfg: DictConfig) -> RunConfig:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(raw: DictConfig) -> None:
     cfg = absolutize(_typed(raw), Path.cwd())
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # sweep points must not resume each other's checkpoints
+        cfg = for_sweep_point(cfg, hydra_cfg.job.override_dirname or str(hydra_cfg.job.num))
     cfg, layout, note = choose_layout(cfg)
     problems = validate(cfg, layout)
     if problems:

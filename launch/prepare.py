@@ -24,6 +24,13 @@ def absolutize(cfg: RunConfig, base: Path) -> RunConfig:
                                checkpoint=checkpoint, train=train)
 
 
+def for_sweep_point(cfg: RunConfig, point: str) -> RunConfig:
+    """Each sweep point checkpoints in its own folder, named by its overrides (stable on resubmit)."""
+    safe = "".join(c if c.isalnum() or c in "=,._-" else "_" for c in point)
+    checkpoint = dataclasses.replace(cfg.checkpoint, dir=str(Path(cfg.checkpoint.dir) / safe))
+    return dataclasses.replace(cfg, checkpoint=checkpoint)
+
+
 def choose_layout(cfg: RunConfig) -> tuple[RunConfig, Layout, str]:
     """The explicit layout, or for ``parallel=auto`` the planner's best, written into the config.
 
