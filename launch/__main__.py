@@ -7,12 +7,13 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from hydra.errors import HydraException
 
-from launch.config import CONF_DIR, compose, register_schema, to_run_config, validate
+from launch.config import (CONF_DIR, compose, one_line_error, register_schema, to_run_config,
+                           validate)
 from launch.prepare import (absolutize, choose_layout, for_sweep_point, prepare_data,
                             write_run_dir)
 from launch.schema import RunConfig
@@ -20,13 +21,7 @@ from launch.schema import RunConfig
 
 def _refuse(err: Exception) -> None:
     """One line naming the field, instead of Hydra's multi-line report."""
-    cause = err.__cause__ if isinstance(err, HydraException) and err.__cause__ else err
-    key = getattr(cause, "full_key", "") or "config"
-    lines = str(cause).splitlines()
-    listed = lines[: next((i for i, l in enumerate(lines) if "search path" in l), len(lines))]
-    options = [line.strip() for line in listed if line.startswith("\t")]  # Hydra's option list
-    allowed = f" (available: {', '.join(options)})" if options else ""
-    print(f"error: {key}: {lines[0]}{allowed}", file=sys.stderr)
+    print(one_line_error(err), file=sys.stderr)
     sys.exit(2)
 
 

@@ -11,6 +11,7 @@ from typing import Any, Optional
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from launch.schema import Layout, RunConfig
@@ -24,6 +25,17 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def one_line_error(err: Exception) -> str:
+    """Hydra's multi-line report cut to the field and its first line (plus allowed options)."""
+    cause = err.__cause__ if isinstance(err, HydraException) and err.__cause__ else err
+    key = getattr(cause, "full_key", "") or "config"
+    lines = str(cause).splitlines() or [repr(cause)]
+    listed = lines[: next((i for i, l in enumerate(lines) if "search path" in l), len(lines))]
+    options = [line.strip() for line in listed if line.startswith("\t")]  # Hydra's option list
+    allowed = f" (available: {', '.join(options)})" if options else ""
+    return f"error: {key}: {lines[0].strip(chr(34))}{allowed}"
 
 
 def register_schema() -> None:

@@ -14,23 +14,12 @@ from typing import Iterator
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from launch.config import compose, to_run_config, validate
+from launch.config import compose, one_line_error, to_run_config, validate
 from launch.schema import Layout, RunConfig
 from tools.memory import MemoryBreakdown
 from tools.planner import PlannedLayout
 
 TABLE_ROWS = 15
-
-
-def _one_line(err: Exception) -> str:
-    """Hydra's multi-line report cut to the field and its first line (plus allowed options)."""
-    cause = err.__cause__ if isinstance(err, HydraException) and err.__cause__ else err
-    key = getattr(cause, "full_key", "") or "config"
-    lines = str(cause).splitlines() or [repr(cause)]
-    listed = lines[: next((i for i, l in enumerate(lines) if "search path" in l), len(lines))]
-    options = [line.strip() for line in listed if line.startswith("\t")]  # Hydra's option list
-    allowed = f" (available: {', '.join(options)})" if options else ""
-    return f"error: {key}: {lines[0].strip(chr(34))}{allowed}"
 
 
 def load_config(args: list[str], *, auto_ok: bool) -> tuple[RunConfig, bool]:
@@ -43,7 +32,7 @@ def load_config(args: list[str], *, auto_ok: bool) -> tuple[RunConfig, bool]:
     try:
         cfg = to_run_config(compose([a for a in args if a != "--json"]))
     except (HydraException, OmegaConfBaseException) as err:
-        _exit([_one_line(err)])
+        _exit([one_line_error(err)])
     if cfg.parallel.auto and not auto_ok:
         _exit(["error: parallel.auto=true: the memory predictor needs an explicit layout "
                "(e.g. parallel.tp=8 parallel.pp=4); python -m tools.planner picks one"])
