@@ -18,7 +18,7 @@ from launch.schema import ModelConfig
 from megatron_ext import commit
 from megatron_ext.checkpoint import listing
 from megatron_ext.hf_llama import WeightSource, model_problems, open_weights
-from megatron_ext.model import _shards
+from megatron_ext.model import weight_shards
 
 _PADDED_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -68,7 +68,7 @@ def load_pretrained(chunks: list[GPTModel], path: str, model_cfg: ModelConfig) -
                          + "\n  ".join(problems))
     for chunk in chunks:
         shards: dict[str, list[ShardedTensor]] = {}
-        for shard in _shards(chunk):
+        for shard in weight_shards(chunk):
             shards.setdefault(storage_key(shard), []).append(shard)
         for key, group in shards.items():  # SwiGLU's fc1 is two shards of one tensor
             full = source.tensor(key)

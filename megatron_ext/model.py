@@ -95,7 +95,8 @@ def _weight_std(key: str, model: ModelConfig) -> float:
     return model.init_method_std
 
 
-def _shards(chunk: GPTModel) -> list[ShardedTensor]:
+def weight_shards(chunk: GPTModel) -> list[ShardedTensor]:
+    """This rank's tensors with their global names and offsets, whatever the layout."""
     out: list[ShardedTensor] = []
     for item in nested_values(chunk.sharded_state_dict()):
         if isinstance(item, ShardedTensorFactory):
@@ -115,7 +116,7 @@ def init_layout_independent(chunks: list[GPTModel], model: ModelConfig, seed: in
     It materialises one full matrix at a time on the CPU: meant for small and medium models.
     """
     for chunk in chunks:
-        for shard in _shards(chunk):
+        for shard in weight_shards(chunk):
             if shard.data.dim() < 2:  # norm weights keep megatron's init (ones)
                 continue
             layer = shard.global_offset[: shard.prepend_axis_num]
