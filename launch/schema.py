@@ -26,6 +26,9 @@ SIGNAL_SPEC = re.compile(r"(USR1|USR2|TERM|INT|HUP|URG)@[0-9]{1,5}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|WEBHOOK", re.IGNORECASE)
 WANDB_MODES = ("online", "offline", "disabled")
+GPU_TYPES = ("H100", "H200", "A100", "B200")
+"""GPU models the planner and the MFU metric know the peak of (tools/flops.py)."""
+NAN_ACTIONS = ("stop", "skip")
 
 
 def choice_problem(name: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
@@ -128,6 +131,8 @@ class ClusterConfig:
     nodes: int = 1
     gpus_per_node: int = 2
     """Ranks per node: GPUs on a GPU node, CPU processes on the local cluster."""
+    gpu: str = "H100"
+    """GPU model: its dense bf16 peak is the MFU denominator and the planner's compute rate."""
     gpu_memory_gib: float = 80.0
     """Memory per GPU; the planner budgets with it and the health check expects it."""
     cpus_per_task: int = 1
@@ -180,6 +185,7 @@ class ClusterConfig:
     def problems(self) -> list[str]:
         out = choice_problem("cluster.kind", self.kind, CLUSTER_KINDS)
         out += choice_problem("cluster.interconnect", self.interconnect, INTERCONNECTS)
+        out += choice_problem("cluster.gpu", self.gpu, GPU_TYPES)
         for name in ("nodes", "gpus_per_node", "cpus_per_task", "timeout_min"):
             out += positive_problem(f"cluster.{name}", getattr(self, name))
         out += positive_problem("cluster.gpu_memory_gib", self.gpu_memory_gib)
@@ -227,6 +233,9 @@ class TrainConfig:
     """Continued pre-training: start from these weights (a Hugging Face Llama directory or one
     written by ``tools.convert_hf import``) with a fresh optimizer and lr schedule; ignored when
     a checkpoint to resume from exists. Empty: random initialisation."""
+    on_nan: str = "stop"
+    """A non-finite loss: ``stop`` the run (one alert; the last committed checkpoint is intact),
+    or ``skip`` the step (no parameter update, one alert per run) and go on."""
 
     def problems(self) -> list[str]:
         out = choice_problem("train.precision", self.precision, PRECISIONS)
@@ -234,6 +243,7 @@ class TrainConfig:
             out.append(f"train.init_from={self.init_from!r} is not a directory; give a Hugging "
                        "Face Llama directory or one written by python -m tools.convert_hf import")
         out += choice_problem("train.recompute", self.recompute, RECOMPUTE)
+        out += choice_problem("train.on_nan", self.on_nan, NAN_ACTIONS)
         out += choice_problem("train.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
         for name in ("steps", "global_batch_size", "micro_batch_size", "seq_length", "lr",
                      "log_interval", "recompute_num_layers"):
