@@ -98,3 +98,26 @@ def test_cli_lists_the_options_of_an_unknown_group_choice(tmp_path: Path) -> Non
     result = run_launch("model=llama9", cwd=tmp_path, timeout=60)
     assert result.returncode == 2
     assert "model/llama9" in result.stderr and "llama3_8b" in result.stderr
+
+
+@pytest.mark.parametrize("cluster", ["hyperpod_p5", "pcs_p5", "hyperpod_p4d", "pcs_p4d"])
+def test_a_gpu_profile_and_a_node_count_are_enough_for_a_multi_node_job(
+        tmp_path: Path, cluster: str) -> None:
+    """The README's promise: change only the cluster profile and node count."""
+    result = run_launch(f"cluster={cluster}", "cluster.nodes=32", "launch.dry_run=true",
+                        cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("layout: ")  # the planner chose it for this GPU
+    assert "name: llama3_8b" in result.stdout
+    assert "#SBATCH --nodes=32" in result.stdout
+    assert "#SBATCH --ntasks-per-node=8" in result.stdout
+    assert "python -m megatron_ext.train" in result.stdout
+
+
+def test_command_line_groups_replace_a_gpu_profile_s_defaults(tmp_path: Path) -> None:
+    result = run_launch("cluster=pcs_p5", "model=tiny", "parallel=tp2", "train=demo",
+                        "train.global_batch_size=32", "train.micro_batch_size=4",
+                        "launch.dry_run=true", cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "name: tiny" in result.stdout and "TP=2 PP=1" in result.stdout
+    assert "steps: 300" in result.stdout  # train=demo, not the profile's pretrain
