@@ -28,6 +28,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -349,13 +350,25 @@ def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
 def warm_up_writer() -> None:
-    """Start megatron's result-queue manager now, not inside the first save.
+    """Start megatron's result-queue manager now, deaf to the signals that ask for a save.
 
     It is a spawned process that re-imports the training module (seconds); megatron starts
-    it lazily on the first save, which would then block training for that long.
+    it lazily on the first save, which would then block training for that long. Slurm sends
+    SIGTERM (requeue, preemption) to every process of the job step: with default handlers the
+    manager would die and the save that SIGTERM asks for would fail. An ignored signal stays
+    ignored across the spawn's exec (a blocked one does not: Python unblocks it), so the
+    manager starts with these ignored; SIGKILL still ends it with the job.
     """
-    filesystem_async._get_write_results_queue()
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _STOP_SIGNALS}
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def rng_state() -> dict[str, Any]:

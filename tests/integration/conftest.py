@@ -1,9 +1,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="session")
@@ -29,11 +34,6 @@ SLURM_CPU = ["cluster=slurm", "cluster.gpus_per_node=2", "cluster.cpus_per_task=
 @pytest.fixture(scope="session")
 def slurm() -> Path:
     """A real one-host Slurm (slurm/local/start.sh); skipped only where it cannot run here."""
-    import os
-    import subprocess
-
-    from tests.conftest import REPO
-
     if os.geteuid() != 0:
         pytest.skip("the local Slurm needs root (munged, slurmctld, slurmd); CI runs as root")
     env = {**os.environ, "SLURM_LOCAL_DIR": str(SLURM_DIR)}
@@ -43,4 +43,19 @@ def slurm() -> Path:
         pytest.skip(f"cannot start a local Slurm here: {result.stderr.strip()}")
     assert result.returncode == 0, result.stdout + result.stderr
     os.environ["SLURM_CONF"] = str(SLURM_DIR / "slurm.conf")  # sbatch, squeue, scontrol find it
+    _cancel_leftover_jobs()
     return SLURM_DIR
+
+
+def _cancel_leftover_jobs(timeout: float = 60) -> None:
+    """A job left by an aborted earlier session would hold the one node and starve these tests."""
+    def queued() -> list[str]:
+        return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    if queued():
+        subprocess.run(["scancel", "--full", *queued()], check=False)
+    deadline = time.monotonic() + timeout
+    while queued():
+        assert time.monotonic() < deadline, f"leftover Slurm jobs would not end: {queued()}"
+        time.sleep(0.5)

@@ -78,17 +78,36 @@ def test_multirun_sweep_submits_one_job_per_point(slurm: Path, workdir: Path) ->
     assert lrs == pytest.approx([1e-3, 3e-3])
 
 
-def test_a_requeued_job_runs_again_and_completes(slurm: Path, workdir: Path) -> None:
+def _interrupt_mid_run(workdir: Path, name: str, interrupt: list[str]) -> tuple[str, str]:
+    """Start a 40-step job, run ``interrupt`` once it is mid-run; its final log and job id."""
     steps = 40
-    job_id, run_dir = launch(workdir, "name=slurm-requeue", f"train.steps={steps}",
-                             "train.warmup_steps=2")
+    job_id, run_dir = launch(workdir, f"name={name}", f"train.steps={steps}",
+                             "train.warmup_steps=2", "checkpoint.save_interval=1000")
     deadline = time.monotonic() + 120
-    while len(metrics(run_dir)) < 3:  # mid-run: training has started, far from done
+    while len(metrics(run_dir)) < 3:  # training has started, far from done
         assert time.monotonic() < deadline, job_info(job_id)
         time.sleep(0.5)
-    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    subprocess.run([*interrupt, job_id], check=True)
     info = wait_for(job_id)
     log = (run_dir / "logs" / job_id / f"{job_id}_0_log.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     assert f"job {job_id} on" in log and "restart 1" in log
-    assert metrics(run_dir)[-1]["step"] == steps
+    # The only checkpoint is the one saved on the signal (the interval is beyond the run), and
+    # the rerun continues from it: every step exactly once, none lost, none repeated.
+    resumed = [int(n) for n in re.findall(r"on 2 ranks \(CPU, gloo\) from step (\d+)", log)]
+    assert len(resumed) == 2 and resumed[0] == 0 and resumed[1] >= 3, log
+    assert [row["step"] for row in metrics(run_dir)] == list(range(1, steps + 1)), log
+    return job_id, log
+
+
+def test_a_requeued_job_resumes_from_the_checkpoint_saved_on_sigterm(
+        slurm: Path, workdir: Path) -> None:
+    """Preemption and node failure look like this: Slurm sends SIGTERM and requeues the job."""
+    _, log = _interrupt_mid_run(workdir, "slurm-requeue", ["scontrol", "requeue"])
+    assert "stop signal: saving step" in log
+
+
+def test_the_pre_timeout_signal_saves_and_requeues_the_job(slurm: Path, workdir: Path) -> None:
+    """``--signal=USR1@120`` near the time limit: the ranks save, exit 42, the script requeues."""
+    _, log = _interrupt_mid_run(workdir, "slurm-timeout", ["scancel", "--signal=USR1"])
+    assert "stop signal: saving step" in log
