@@ -49,7 +49,8 @@ def main(raw: DictConfig) -> None:
     cfg = absolutize(_typed(raw), Path.cwd())
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:  # sweep points must not resume each other's checkpoints
-        cfg = for_sweep_point(cfg, hydra_cfg.job.override_dirname or str(hydra_cfg.job.num))
+        cfg = for_sweep_point(cfg, hydra_cfg.job.override_dirname or str(hydra_cfg.job.num),
+                              sweep=f"{cfg.name}-{Path(hydra_cfg.sweep.dir).name}")
     cfg, layout, note = choose_layout(cfg)
     problems = validate(cfg, layout)
     if problems:

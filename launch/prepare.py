@@ -24,11 +24,12 @@ def absolutize(cfg: RunConfig, base: Path) -> RunConfig:
                                checkpoint=checkpoint, train=train)
 
 
-def for_sweep_point(cfg: RunConfig, point: str) -> RunConfig:
-    """Each sweep point checkpoints in its own folder, named by its overrides (stable on resubmit)."""
+def for_sweep_point(cfg: RunConfig, point: str, sweep: str) -> RunConfig:
+    """Each sweep point checkpoints in its own folder, named by its overrides (stable on
+    resubmit), and records the ``sweep`` it belongs to (its W&B group)."""
     safe = "".join(c if c.isalnum() or c in "=,._-" else "_" for c in point)
     checkpoint = dataclasses.replace(cfg.checkpoint, dir=str(Path(cfg.checkpoint.dir) / safe))
-    return dataclasses.replace(cfg, checkpoint=checkpoint)
+    return dataclasses.replace(cfg, checkpoint=checkpoint, sweep=sweep)
 
 
 def choose_layout(cfg: RunConfig) -> tuple[RunConfig, Layout, str]:

@@ -443,6 +443,9 @@ class RunConfig:
     name: str = "demo"
     run_dir: str = "???"
     """This launch's folder: config.yaml, logs and the submitted script."""
+    sweep: str = ""
+    """Set by launch for a Hydra multirun (``-m``): the sweep this run is a point of, so its W&B
+    runs group together; empty for a single run."""
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

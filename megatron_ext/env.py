@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import random
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Optional
 
 # Ports submitit also draws from when it derives a port from the job id.
 _PORT_RANGE = (20000, 60000)
@@ -23,16 +25,23 @@ class RunEnv:
     master_port: int
     job_id: str
     hostname: str
+    slurm_job: Optional[str] = None
+    """``<array job>_<task>`` for an array task, else the job id; None off Slurm. It survives a
+    requeue, so whatever is keyed by it (the W&B run) continues."""
+    slurm_array_job: Optional[str] = None
+    """The array's job id: the tasks of one array are one sweep."""
 
     @classmethod
     def from_env(cls) -> "RunEnv":
         hostname = socket.gethostname()
+        slurm = slurm_ids(os.environ)
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun or a pre-exported env
             return cls(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
                        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
                        master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
                        master_port=int(os.environ.get("MASTER_PORT", 29500)),
-                       job_id=os.environ.get("SLURM_JOB_ID", "local"), hostname=hostname)
+                       job_id=os.environ.get("SLURM_JOB_ID", "local"), hostname=hostname,
+                       **slurm)
         import submitit  # reads SLURM_* or SUBMITIT_LOCAL_* for us
 
         job = submitit.JobEnvironment()
@@ -40,10 +49,17 @@ class RunEnv:
         return cls(rank=job.global_rank, world_size=job.num_tasks, local_rank=job.local_rank,
                    master_addr=job.hostnames[0],
                    master_port=int(port) if port else random.Random(job.job_id).randint(*_PORT_RANGE),
-                   job_id=str(job.job_id), hostname=hostname)
+                   job_id=str(job.job_id), hostname=hostname, **slurm)
 
     def export(self) -> None:
         """torch.distributed's env:// rendezvous reads these."""
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
                           LOCAL_RANK=str(self.local_rank), MASTER_ADDR=self.master_addr,
                           MASTER_PORT=str(self.master_port))
+
+
+def slurm_ids(environ: Mapping[str, str]) -> dict[str, Optional[str]]:
+    """``slurm_job`` and ``slurm_array_job`` from Slurm's variables (both None off Slurm)."""
+    array, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array}_{task}" if array and task else environ.get("SLURM_JOB_ID")
+    return {"slurm_job": job, "slurm_array_job": array}

@@ -1,8 +1,9 @@
 """W&B metrics from rank 0, and the progress line people read in the log.
 
-Name, group and tags derive from the config so a Hydra sweep groups in the W&B UI; the run id
-derives from the job so a Slurm requeue continues the same run. W&B reads its API key from
-``$WANDB_API_KEY`` itself; no secret from the environment reaches the logged config.
+Name, group and tags derive from the config so a Hydra sweep (``cfg.sweep``) or a Slurm array
+groups in the W&B UI; the run id derives from the job so a Slurm requeue continues the same run.
+W&B reads its API key from ``$WANDB_API_KEY`` itself; no secret from the environment reaches
+the logged config.
 """
 from __future__ import annotations
 
@@ -15,11 +16,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from launch.schema import Layout, RunConfig
+from megatron_ext.env import RunEnv
 
 log = logging.getLogger("megatron_ext.metrics")
 
-SWEEP_ENV = "SLURM_LLM_SWEEP_ID"
-"""Set by the launcher for a Hydra multirun; otherwise a Slurm array is taken as the sweep."""
 _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|WEBHOOK|CREDENTIAL", re.IGNORECASE)
 _REDACTED = "<redacted>"
 
@@ -37,19 +37,32 @@ def _sanitize(text: str, limit: int = 64) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text)[:limit]
 
 
-def sweep_id(environ: Mapping[str, str]) -> Optional[str]:
-    return environ.get(SWEEP_ENV) or environ.get("SLURM_ARRAY_JOB_ID")
+def sweep_id(cfg: RunConfig, env: RunEnv) -> Optional[str]:
+    """The Hydra multirun the launcher recorded, else the Slurm array."""
+    return cfg.sweep or env.slurm_array_job
 
 
-def run_id(cfg: RunConfig, environ: Mapping[str, str]) -> str:
+def run_id(cfg: RunConfig, env: RunEnv) -> str:
     """Stable across requeues: Slurm keeps the job id; local reruns keep the checkpoint dir."""
-    if "SLURM_ARRAY_JOB_ID" in environ and "SLURM_ARRAY_TASK_ID" in environ:
-        job = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
-    elif "SLURM_JOB_ID" in environ:
-        job = environ["SLURM_JOB_ID"]
-    else:
-        job = hashlib.sha1(os.path.abspath(cfg.checkpoint.dir).encode()).hexdigest()[:12]
+    job = env.slurm_job or hashlib.sha1(os.path.abspath(cfg.checkpoint.dir).encode()).hexdigest()[:12]
     return _sanitize(f"{cfg.name}-{cfg.cluster.name}-{job}")
+
+
+_THROUGHPUT = ("step_time_s", "tokens", "tokens_per_s", "tokens_per_s_per_gpu",
+               "tflops_per_s_per_gpu", "mfu")
+_PREFIX_PANELS = {"peak_": "memory", "checkpoint_": "checkpoint", "straggler_": "straggler"}
+
+
+def panel_key(name: str) -> str:
+    """W&B key of a flat step value: ``throughput/mfu``, ``memory/peak_...``; W&B draws one
+    dashboard section per prefix. Names that already carry a section pass through."""
+    if "/" in name:
+        return name
+    if name in _THROUGHPUT:
+        return f"throughput/{name}"
+    section = next((panel for prefix, panel in _PREFIX_PANELS.items()
+                    if name.startswith(prefix)), "train")
+    return f"{section}/{name}"
 
 
 def secret_values(environ: Mapping[str, str]) -> list[str]:
@@ -69,19 +82,19 @@ def redact(value: Any, secrets: list[str]) -> Any:
     return value
 
 
-def wandb_settings(cfg: RunConfig, layout: Layout, environ: Mapping[str, str]) -> dict:
+def wandb_settings(cfg: RunConfig, layout: Layout, env: RunEnv, secrets: list[str]) -> dict:
     """Keyword arguments for ``wandb.init``, without ``dir``; pure for tests."""
-    sweep = sweep_id(environ)
+    sweep = sweep_id(cfg, env)
     tag = layout_tag(layout)
     config = dataclasses.asdict(cfg) | {"layout": dataclasses.asdict(layout)}
     return dict(
         project=cfg.logging.wandb.project, entity=cfg.logging.wandb.entity or None,
-        mode=cfg.logging.wandb.mode, id=run_id(cfg, environ), resume="allow",
+        mode=cfg.logging.wandb.mode, id=run_id(cfg, env), resume="allow",
         name=f"{cfg.name}-{cfg.model.name}-{tag}-{cfg.cluster.name}",
         group=f"sweep-{sweep}" if sweep else cfg.name,
         tags=[cfg.model.name, tag, cfg.cluster.name, f"world{layout.world_size}"]
         + ([f"sweep-{sweep}"] if sweep else []),
-        config=redact(config, secret_values(environ)))
+        config=redact(config, secrets))
 
 
 class MetricsLogger:
@@ -95,20 +108,18 @@ class MetricsLogger:
         log.info("W&B run %s (%s) in %s mode", self._run.id, self._run.name, settings["mode"])
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, *, rank: int, layout: Layout, run_dir: Path,
-                    environ: Optional[Mapping[str, str]] = None
+    def from_config(cls, cfg: RunConfig, *, env: RunEnv, layout: Layout, run_dir: Path
                     ) -> Union["MetricsLogger", "NullMetricsLogger"]:
-        if rank != 0 or cfg.logging.wandb.mode == "disabled":
+        if env.rank != 0 or cfg.logging.wandb.mode == "disabled":
             return NullMetricsLogger()
-        return cls(wandb_settings(cfg, layout, os.environ if environ is None else environ),
-                   Path(run_dir))
+        return cls(wandb_settings(cfg, layout, env, secret_values(os.environ)), Path(run_dir))
 
     @property
     def run_id(self) -> str:
         return self._run.id
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        self._run.log(values, step=step)
+        self._run.log({panel_key(name): value for name, value in values.items()}, step=step)
 
     def close(self, exit_code: int = 0) -> None:
         self._run.finish(exit_code=exit_code)

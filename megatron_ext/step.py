@@ -1,4 +1,8 @@
-"""One optimizer step through megatron's pipeline schedule, with per-token loss averaging."""
+"""One optimizer step through megatron's pipeline schedule, with per-token loss averaging.
+
+The global loss is known on every rank before the update, so a non-finite one is never
+applied: the weights stay those of the last good step whatever ``train.on_nan`` does next.
+"""
 from __future__ import annotations
 
 import math
@@ -23,7 +27,9 @@ class StepResult:
     grad_norm: float
     lr: float
     tokens: int
-    skipped: bool
+    applied: bool
+    """False when the optimizer update was not applied: a non-finite loss (its gradients would
+    poison the weights) or megatron's own skip; the lr schedule then does not advance either."""
 
 
 def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -68,9 +74,13 @@ def train_step(model: list[torch.nn.Module], optimizer: MegatronOptimizer,
         forward_step_func=_forward_step,
         data_iterator=[batches] * len(model), model=model, num_microbatches=num_microbatches,
         seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
-    succeeded, grad_norm, _ = optimizer.step()
-    if succeeded:
+    device = next(model[0].parameters()).device
+    loss, tokens = _global_loss(losses, device)  # every rank decides the same way
+    applied, grad_norm = False, math.nan
+    if math.isfinite(loss):
+        applied, norm, _ = optimizer.step()
+        grad_norm = float(norm) if norm is not None else math.nan
+    if applied:
         scheduler.step(increment=1)
-    loss, tokens = _global_loss(losses, next(model[0].parameters()).device)
-    return StepResult(loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-                      lr=optimizer.param_groups[0]["lr"], tokens=tokens, skipped=not succeeded)
+    return StepResult(loss=loss, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"],
+                      tokens=tokens, applied=applied)

@@ -33,6 +33,17 @@ class StragglerReport:
                 f"({self.compute_s * 1000:.0f} ms vs {self.median_s * 1000:.0f} ms per step)")
 
 
+@dataclass(frozen=True)
+class StragglerCheck:
+    """One interval's verdict, the same on every rank."""
+
+    worst_slowdown: float
+    """Slowest rank's mean compute time over the median rank's (1.0: perfectly even); the
+    straggler score dashboards plot even when nobody crosses the threshold."""
+    reports: list[StragglerReport]
+    """Ranks above the threshold, slowest first."""
+
+
 def find_stragglers(times: list[float], threshold: float) -> list[tuple[int, float]]:
     """(index, slowdown) of every entry above threshold x the median, slowest first."""
     median = statistics.median(times)
@@ -63,19 +74,22 @@ class StragglerDetector:
             return NullStragglerDetector()
         return cls(group, s.report_interval, s.threshold, rank, hostname)
 
-    def step(self, compute_seconds: float) -> list[StragglerReport]:
-        """Collective every ``report_interval`` calls: all ranks get the same reports."""
+    def step(self, compute_seconds: float) -> Optional[StragglerCheck]:
+        """Collective every ``report_interval`` calls, which return the same check on every
+        rank; the calls in between return None."""
         self._steps += 1
         self._total_s += compute_seconds
         if self._steps < self._interval:
-            return []
+            return None
         means = self._gather(self._total_s / self._steps)
         self._steps, self._total_s = 0, 0.0  # each interval judges only its own steps
         hostnames = self._gather_hostnames()
         median = statistics.median(means)
-        return [StragglerReport(rank=self._global_ranks[i], hostname=hostnames[i],
-                                slowdown=slowdown, compute_s=means[i], median_s=median)
-                for i, slowdown in find_stragglers(means, self._threshold)]
+        reports = [StragglerReport(rank=self._global_ranks[i], hostname=hostnames[i],
+                                   slowdown=slowdown, compute_s=means[i], median_s=median)
+                   for i, slowdown in find_stragglers(means, self._threshold)]
+        return StragglerCheck(worst_slowdown=max(means) / median if median > 0 else 1.0,
+                              reports=reports)
 
     def _gather(self, mean_s: float) -> list[float]:
         """One float all_gather: cheaper than pickling objects every interval."""
@@ -95,5 +109,5 @@ class StragglerDetector:
 class NullStragglerDetector:
     """Straggler detection switched off: same interface, never reports."""
 
-    def step(self, compute_seconds: float) -> list[StragglerReport]:
-        return []
+    def step(self, compute_seconds: float) -> Optional[StragglerCheck]:
+        return None

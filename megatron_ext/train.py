@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from launch.config import derive_layout, load, to_yaml
 from launch.schema import Layout, RunConfig
@@ -25,14 +28,14 @@ from megatron_ext.cpu import cpu_mode
 from megatron_ext.data import BatchPlan, build_train_dataset, microbatches
 from megatron_ext.env import RunEnv
 from megatron_ext.init_from import has_checkpoint, load_pretrained
-from megatron_ext.metrics import MetricsLogger, format_progress
 from megatron_ext.model import build_model, init_layout_independent
 from megatron_ext.optim import build_optimizer, wrap_ddp
+from megatron_ext.reporting import StepReporter
 from megatron_ext.signals import StopSignals
 from megatron_ext.step import StepResult, train_step
 from megatron_ext.straggler import StragglerDetector
 from megatron_ext.watchdog import Watchdog
-from tools.flops import flops_per_token
+from tools.memory import predict
 
 log = logging.getLogger("megatron_ext.train")
 
@@ -44,14 +47,29 @@ def _setup_logging(rank: int) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its set-up chatter drowns progress
 
 
-def _metrics(r: StepResult, step_s: float, tflop_per_token: float) -> dict[str, float]:
-    tokens_per_s = r.tokens / step_s
-    return {"loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "step_time_s": step_s,
-            "tokens": r.tokens, "tokens_per_s": tokens_per_s,
-            "tflops_per_s": tokens_per_s * tflop_per_token / max(parallel.world_size(), 1)}
+_MAX_NAN_SKIPS = 10
+"""Consecutive non-finite steps after which ``train.on_nan=skip`` stops anyway: by then the
+weights, not a bad batch, are the problem, and skipping on would burn the allocation."""
 
 
-def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Alerts) -> None:
+class NonFiniteLoss(FloatingPointError):
+    """Raised on every rank at once; rank 0 already alerted, so no failure alert follows."""
+
+
+@dataclass
+class Training:
+    """Everything a step touches, built once per launch."""
+
+    model: list[torch.nn.Module]
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    dataset: Any
+    plan: BatchPlan
+    ckpt: Checkpointer
+
+
+def build(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool) -> Training:
+    """Process groups, model (random, reproducible or pretrained), optimizer, data, checkpointer."""
     t, run_dir = cfg.train, Path(cfg.run_dir)
     parallel.init(layout, env, seed=t.seed, timeout_s=cfg.resilience.collective_timeout_s,
                   use_gpu=use_gpu)
@@ -66,54 +84,84 @@ def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Al
     plan = BatchPlan(t.global_batch_size, t.micro_batch_size, layout.dp, parallel.dp_rank())
     ckpt = Checkpointer(cfg.checkpoint, model=chunks, optimizer=optimizer, scheduler=scheduler,
                         layout=layout, config_yaml=to_yaml(cfg))
-    resume = ckpt.load_latest()
+    return Training(model, optimizer, scheduler, dataset, plan, ckpt)
+
+
+def _start_fields(cfg: RunConfig, layout: Layout, env: RunEnv, use_gpu: bool) -> dict[str, str]:
+    fields = {"model": cfg.model.name, "layout": layout.describe(),
+              "ranks": f"{env.world_size} on {cfg.cluster.name}"}
+    if use_gpu:  # the prediction is for GPU memory
+        fields["predicted memory"] = (f"{predict(cfg, layout).peak_gib:.1f} GiB per GPU "
+                                      f"of {cfg.cluster.gpu_memory_gib:g}")
+    return fields
+
+
+def _check_loss(result: StepResult, step: int, streak: int, cfg: RunConfig, env: RunEnv,
+                alerts: Alerts, ckpt: Checkpointer) -> int:
+    """The new count of consecutive non-finite steps; raises ``NonFiniteLoss`` to stop."""
+    if math.isfinite(result.loss):
+        return 0
+    streak += 1
+    on_nan = cfg.train.on_nan
+    what = f"loss {result.loss} at step {step}"
+    stop = on_nan == "stop" or streak >= _MAX_NAN_SKIPS
+    if env.rank == 0:  # every rank sees the same global loss; one alert is enough
+        kind = alert_kinds.NAN_LOSS if streak == 1 else alert_kinds.FAILURE
+        action = "stopping" if stop else "step skipped (train.on_nan=skip), no update applied"
+        alerts.send(kind, f"{what} ({streak} in a row); {action}", rank=env.rank)
+        if stop:
+            alerts.flush(timeout_s=10.0)
+    if stop:
+        raise NonFiniteLoss(f"{what}, {streak} in a row; stopping (train.on_nan={on_nan}); the "
+                            f"last committed checkpoint is step {ckpt.last_committed_step}")
+    log.warning("%s: step skipped, no update applied (train.on_nan=skip)", what)
+    return streak
+
+
+def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Alerts) -> None:
+    t = cfg.train
+    run = build(cfg, env, layout, use_gpu)
+    resume = run.ckpt.load_latest()
     start_step, consumed = resume.step, resume.consumed_samples
-    metrics = MetricsLogger.from_config(cfg, rank=env.rank, layout=layout, run_dir=run_dir)
-    watchdog = Watchdog.from_config(cfg, rank=env.rank, run_dir=run_dir, on_hang=functools.partial(
-        alerts.send_now, alert_kinds.HANG, rank=env.rank))
+    report = StepReporter(cfg, env, layout, use_gpu, start_step)
+    watchdog = Watchdog.from_config(cfg, rank=env.rank, run_dir=Path(cfg.run_dir),
+                                    on_hang=functools.partial(alerts.send_now, alert_kinds.HANG,
+                                                              rank=env.rank))
     straggler = StragglerDetector.from_config(cfg, group=None, rank=env.rank, hostname=env.hostname)
     stop = StopSignals(cfg.cluster.signal)
-    tflop_per_token = flops_per_token(cfg.model, t.seq_length) / 1e12
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if env.rank == 0 else None
     log.info("training %s with %s on %d ranks (%s) from step %d", cfg.model.name,
              layout.describe(), env.world_size, "GPU" if use_gpu else "CPU, gloo", start_step)
-    alerts.send(alert_kinds.START, f"{cfg.model.name}, {layout.describe()}", rank=env.rank)
-    started = time.monotonic()
+    if env.rank == 0:
+        alerts.send(alert_kinds.START, f"from step {start_step} of {t.steps}", rank=env.rank,
+                    fields=_start_fields(cfg, layout, env, use_gpu))
+    nan_streak = 0
     for step in range(start_step + 1, t.steps + 1):
         step_start = time.monotonic()
-        result = train_step(model, optimizer, scheduler, microbatches(dataset, plan, consumed),
-                            num_microbatches=plan.num_microbatches, seq_length=t.seq_length,
+        result = train_step(run.model, run.optimizer, run.scheduler,
+                            microbatches(run.dataset, run.plan, consumed),
+                            num_microbatches=run.plan.num_microbatches, seq_length=t.seq_length,
                             micro_batch_size=t.micro_batch_size)
-        consumed += t.global_batch_size
+        consumed += t.global_batch_size  # a skipped batch is consumed too, never retried
         step_s = time.monotonic() - step_start
         watchdog.beat()
-        values = _metrics(result, step_s, tflop_per_token)
-        metrics.log(step, values)
-        if metrics_file:
-            metrics_file.write(json.dumps({"step": step, **values}) + "\n")
-            metrics_file.flush()
-        for report in straggler.step(step_s):
-            log.warning("straggler: %s", report.describe())
-            alerts.send(alert_kinds.STRAGGLER, report.describe(), rank=env.rank)
-        if not math.isfinite(result.loss):  # every rank sees the same global loss
-            alerts.send_now(alert_kinds.NAN_LOSS, f"loss {result.loss} at step {step}", rank=env.rank)
-            raise FloatingPointError(f"loss is {result.loss} at step {step}; stopping (the last "
-                                     f"committed checkpoint is step {ckpt.last_committed_step})")
-        ckpt.maybe_save(step, consumed)
-        if step % t.log_interval == 0 or step == t.steps:
-            eta = (time.monotonic() - started) / (step - start_step) * (t.steps - step)
-            log.info(format_progress(step, t.steps, result.loss, result.lr, result.grad_norm,
-                                     step_s, values["tokens_per_s"], eta))
+        check = straggler.step(step_s)
+        for straggler_report in check.reports if check else []:
+            log.warning("straggler: %s", straggler_report.describe())
+            alerts.send(alert_kinds.STRAGGLER, straggler_report.describe(), rank=env.rank)
+        nan_streak = _check_loss(result, step, nan_streak, cfg, env, alerts, run.ckpt)
+        save_start = time.monotonic()
+        run.ckpt.maybe_save(step, consumed)
+        report.step(step, result, step_s, consumed, checkpoint_blocking_s=time.monotonic()
+                    - save_start, straggler=check)
         if stop.requested(device="cuda" if use_gpu else "cpu"):
             log.warning("stop signal: saving step %d, then exiting for requeue", step)
-            ckpt.save(step, consumed, blocking=True)
+            run.ckpt.save(step, consumed, blocking=True)
             raise SystemExit(stop.exit_code)
-    ckpt.close(max(start_step, t.steps), consumed)
+    run.ckpt.close(max(start_step, t.steps), consumed)
     watchdog.close()
-    metrics.close(0)
-    if metrics_file:
-        metrics_file.close()
-    alerts.send(alert_kinds.COMPLETE, f"finished {t.steps} steps", rank=env.rank)
+    report.close()
+    if env.rank == 0:
+        alerts.send(alert_kinds.COMPLETE, f"finished {t.steps} steps", rank=env.rank)
     log.info("finished %d steps", t.steps)
 
 
@@ -132,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.nullcontext() if use_gpu else cpu_mode():
         try:
             train(cfg, env, derive_layout(cfg), use_gpu, alerts)
+        except NonFiniteLoss as err:  # alerted already; a traceback would add nothing
+            log.error("%s", err)
+            return 1
         except Exception as err:  # the alert names the rank and the error, then the rank dies
             alerts.send_now(alert_kinds.FAILURE, f"{type(err).__name__}: {err}", rank=env.rank)
             raise

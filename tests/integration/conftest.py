@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +17,18 @@ from tests.conftest import REPO
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One working directory for the session's runs, so the demo data is built once."""
     return tmp_path_factory.mktemp("work")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_argv(*entry: str) -> list[str]:
+    """Two local ranks under torchrun (``entry``: ``-m module`` or a script, then its args)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            f"--master-port={free_port()}", *entry]
 
 
 def read_metrics(workdir: Path, name: str) -> list[dict]:

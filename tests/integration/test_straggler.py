@@ -14,17 +14,19 @@ from megatron_ext.straggler import StragglerDetector
 WORLD, INTERVAL, BASE_S, SLOW_RANK = 3, 4, 0.05, 1
 
 
-def run_phase(rank: int, slow_rank: int | None) -> list[dict]:
-    """Two report intervals of sleep-as-compute; returns the reports with their step."""
+def run_phase(rank: int, slow_rank: int | None) -> dict:
+    """Two report intervals of sleep-as-compute: the reports with their step, and the scores."""
     detector = StragglerDetector(None, report_interval=INTERVAL, threshold=1.5, rank=rank,
                                  hostname=f"node{rank}")
-    reports = []
+    reports, scores = [], []
     for step in range(1, 2 * INTERVAL + 1):
         start = time.perf_counter()
         time.sleep(BASE_S * (2 if rank == slow_rank else 1))
-        for report in detector.step(time.perf_counter() - start):
-            reports.append(dataclasses.asdict(report) | {"step": step})
-    return reports
+        check = detector.step(time.perf_counter() - start)
+        if check is not None:
+            scores.append([step, check.worst_slowdown])
+            reports += [dataclasses.asdict(report) | {"step": step} for report in check.reports]
+    return {"reports": reports, "scores": scores}
 
 
 def rank_main(rank: int, init_file: str, out_dir: str) -> None:
@@ -41,8 +43,12 @@ def test_slow_rank_is_reported_on_every_rank_and_only_when_slow(tmp_path):
     mp.spawn(rank_main, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD)
     results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(WORLD)]
     assert all(r == results[0] for r in results)  # every rank gets the same reports
-    injected = results[0]["injected"]
+    injected = results[0]["injected"]["reports"]
     assert injected and {r["rank"] for r in injected} == {SLOW_RANK}
     assert injected[0]["step"] <= 2 * INTERVAL and injected[0]["hostname"] == f"node{SLOW_RANK}"
     assert all(1.6 < r["slowdown"] < 2.6 for r in injected)
-    assert results[0]["clean"] == []
+    assert results[0]["clean"]["reports"] == []
+    # A score every interval, high with the slow rank, near 1 without it.
+    assert [step for step, _ in results[0]["injected"]["scores"]] == [INTERVAL, 2 * INTERVAL]
+    assert all(1.6 < score < 2.6 for _, score in results[0]["injected"]["scores"])
+    assert all(1.0 <= score < 1.5 for _, score in results[0]["clean"]["scores"])

@@ -1,59 +1,22 @@
 """Alerts against a real HTTP endpoint on loopback standing in for Slack's webhook."""
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from megatron_ext import alerts
 from megatron_ext.alerts import Alerts, NullAlerts
 from tests.conftest import make_config
-
-
-class Receiver:
-    """Webhook stand-in: records every post; answers with queued statuses, then 200."""
-
-    def __init__(self) -> None:
-        self.posts: list[str] = []
-        self.statuses: list[int] = []
-        self.delay_s = 0.0
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.posts.append(json.loads(body)["text"])
-                time.sleep(receiver.delay_s)
-                status = receiver.statuses.pop(0) if receiver.statuses else 200
-                self.send_response(status)
-                self.end_headers()
-                self.wfile.write(b"ok" if status == 200 else b"error")
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/services/T0/B0/TOPSECRET0042"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def wait_for(self, count: int, timeout_s: float = 5.0) -> list[str]:
-        deadline = time.monotonic() + timeout_s
-        while len(self.posts) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.posts
+from tests.slack_receiver import Receiver
 
 
 @pytest.fixture
 def receiver():
     r = Receiver()
     yield r
-    r.server.shutdown()
-    r.server.server_close()
+    r.close()
 
 
 def make_alerts(url: str, **overrides) -> Alerts:

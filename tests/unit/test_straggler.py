@@ -32,4 +32,4 @@ def test_disabled_detector_is_a_null_object():
     cfg = make_config("resilience.straggler.enabled=false")
     detector = StragglerDetector.from_config(cfg, group=None, rank=0, hostname="h")
     assert isinstance(detector, NullStragglerDetector)
-    assert detector.step(1.0) == []
+    assert detector.step(1.0) is None

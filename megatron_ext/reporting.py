@@ -1,0 +1,56 @@
+"""Rank 0's record of every step: ``metrics.jsonl``, the W&B run and the progress line.
+
+One flat dict of values per step feeds all three, so the file tests read, the dashboard and
+the log never disagree. Other ranks keep no record (their W&B logger is a null object).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from launch.schema import Layout, RunConfig
+from megatron_ext.env import RunEnv
+from megatron_ext.metrics import MetricsLogger, format_progress
+from megatron_ext.step import StepResult
+from megatron_ext.straggler import StragglerCheck
+from megatron_ext.throughput import Throughput, peak_memory
+
+log = logging.getLogger("megatron_ext.train")
+
+
+class StepReporter:
+    def __init__(self, cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool,
+                 start_step: int) -> None:
+        self._steps, self._log_interval = cfg.train.steps, cfg.train.log_interval
+        self._use_gpu = use_gpu
+        self._throughput = Throughput.from_config(cfg, env.world_size, use_gpu)
+        run_dir = Path(cfg.run_dir)
+        self._wandb = MetricsLogger.from_config(cfg, env=env, layout=layout, run_dir=run_dir)
+        self._file = open(run_dir / "metrics.jsonl", "a") if env.rank == 0 else None
+        self._start_step, self._started = start_step, time.monotonic()
+
+    def step(self, step: int, result: StepResult, step_s: float, consumed_samples: int, *,
+             checkpoint_blocking_s: float, straggler: Optional[StragglerCheck]) -> None:
+        values = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                  "update_applied": int(result.applied),
+                  **self._throughput.values(result.tokens, step_s, consumed_samples),
+                  **peak_memory(self._use_gpu), "checkpoint_blocking_s": checkpoint_blocking_s}
+        if straggler is not None:
+            values["straggler_worst_slowdown"] = straggler.worst_slowdown
+        self._wandb.log(step, values)
+        if self._file:
+            self._file.write(json.dumps({"step": step, **values}) + "\n")
+            self._file.flush()
+        if step % self._log_interval == 0 or step == self._steps:
+            elapsed = time.monotonic() - self._started
+            eta = elapsed / (step - self._start_step) * (self._steps - step)
+            log.info(format_progress(step, self._steps, result.loss, result.lr, result.grad_norm,
+                                     step_s, values["tokens_per_s"], eta))
+
+    def close(self) -> None:
+        self._wandb.close(0)
+        if self._file:
+            self._file.close()

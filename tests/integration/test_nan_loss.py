@@ -1,0 +1,91 @@
+"""A NaN loss in real training: exactly one alert, then the configured action (stop or skip).
+
+Two real gloo ranks run ``megatron_ext.train`` from a config written as launch writes it; rank
+0's loss is poisoned in chosen steps, so the global loss every rank sees is NaN there.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from launch.prepare import write_run_dir
+from tests.conftest import REPO, make_config
+from tests.integration.conftest import torchrun_argv
+from tests.slack_receiver import Receiver
+from tests.wandb_records import history, wandb_records
+
+pytestmark = pytest.mark.slow
+MICRO_BATCHES = 2  # global batch 16 = micro-batch 4 x 2 x DP 2
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def run_ranks(tmp_path: Path, url: str, nan_steps: str, *overrides: str
+              ) -> tuple[int, list[dict], str]:
+    """The job's exit code, rank 0's metrics and the ranks' log."""
+    cfg = make_config("data=synthetic", "train.steps=8", "train.warmup_steps=1",
+                      "train.global_batch_size=16", "train.micro_batch_size=4",
+                      "logging.slack.enabled=true", "resilience.straggler.enabled=false",
+                      f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=3",
+                      *overrides, run_dir=str(tmp_path / "run"))
+    config = write_run_dir(cfg)
+    job = subprocess.run(torchrun_argv(str(REPO / "tests/integration/nan_rank.py"), str(config),
+                                       str(MICRO_BATCHES), nan_steps),
+                         env={**os.environ, "SLACK_WEBHOOK_URL": url, "PYTHONPATH": str(REPO),
+                              "WANDB_DIR": str(tmp_path / "wandb-home"),
+                              "WANDB_CACHE_DIR": str(tmp_path / "wandb-home"),
+                              "WANDB_CONFIG_DIR": str(tmp_path / "wandb-home")},
+                         capture_output=True, text=True, timeout=300)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+               .splitlines()]
+    return job.returncode, metrics, job.stdout + job.stderr
+
+
+def _nan_alerts(receiver: Receiver) -> list[str]:
+    return [post for post in receiver.posts if "loss is NaN" in post]
+
+
+def test_nan_stops_the_run_with_one_alert_and_no_update(tmp_path, receiver):
+    code, metrics, log = run_ranks(tmp_path, receiver.url, "5")
+    assert code != 0, log
+    assert [row["step"] for row in metrics] == [1, 2, 3, 4]  # nothing after the NaN step
+    assert "loss nan at step 5, 1 in a row; stopping (train.on_nan=stop); the last committed " \
+           "checkpoint is step 3" in log
+    nan = _nan_alerts(receiver)
+    assert len(nan) == 1 and "loss nan at step 5" in nan[0] and "stopping" in nan[0]
+    assert not [p for p in receiver.posts if " failed (rank" in p]  # no failure on top of it
+    assert "FloatingPointError" not in log and "NonFiniteLoss" not in log  # said in one line
+
+
+def test_skip_goes_on_without_the_poisoned_updates_and_alerts_once(tmp_path, receiver):
+    code, metrics, log = run_ranks(tmp_path, receiver.url, "4,5", "train.on_nan=skip",
+                                   "logging.wandb.mode=offline")
+    assert code == 0, log
+    assert [row["step"] for row in metrics] == list(range(1, 9))
+    skipped = [row["step"] for row in metrics if not row["update_applied"]]
+    assert skipped == [4, 5]
+    assert all(math.isnan(metrics[i]["loss"]) for i in (3, 4))
+    # No NaN reached the weights: every later step trains on with a finite loss.
+    assert all(math.isfinite(row["loss"]) for row in metrics[5:])
+    assert metrics[2]["lr"] == metrics[3]["lr"] == metrics[4]["lr"]  # the schedule waited too
+    nan = _nan_alerts(receiver)
+    assert len(nan) == 1 and "step skipped" in nan[0]  # the second NaN is rate-limited
+    assert "finished 8 steps" in log
+    # The W&B run (offline) holds every step in its dashboard sections.
+    rows = [row for row in history(wandb_records(tmp_path / "run")) if "train/loss" in row]
+    assert [row["_step"] for row in rows] == list(range(1, 9))
+    for key in ("throughput/tokens_per_s_per_gpu", "throughput/tflops_per_s_per_gpu",
+                "memory/peak_rss_gib", "checkpoint/checkpoint_blocking_s", "train/consumed_tokens"):
+        assert all(key in row for row in rows), key
+    assert rows[-1]["train/consumed_tokens"] == 8 * 16 * 128
+    assert [row["_step"] for row in rows if row["train/update_applied"] == 0] == [4, 5]
