@@ -76,6 +76,9 @@ def test_multirun_sweep_submits_one_job_per_point(slurm: Path, workdir: Path) ->
         assert [row["step"] for row in metrics(point)] == [1, 2, 3, 4]
     lrs = sorted(max(row["lr"] for row in metrics(p)) for p in points)
     assert lrs == pytest.approx([1e-3, 3e-3])
+    sweeps = {re.search(r"^sweep: (.+)$", (p / "config.yaml").read_text(), re.M).group(1)
+              for p in points}
+    assert len(sweeps) == 1 and sweeps.pop().startswith("slurm-sweep-")  # one W&B group
 
 
 def _interrupt_mid_run(workdir: Path, name: str, interrupt: list[str]) -> tuple[str, str]:
