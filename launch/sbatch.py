@@ -68,7 +68,9 @@ def _teardown_lines(c: ClusterConfig) -> list[str]:
 
 
 def _srun_args(c: ClusterConfig) -> list[str]:
-    args: list[str] = []
+    # One rank that dies or exits non-zero ends the step: its peers would otherwise sit in a
+    # collective until the timeout, and a frozen rank would hold the job to its time limit.
+    args: list[str] = ["--kill-on-bad-exit=1"]
     if c.auto_resume:
         args.append("--auto-resume=1")
     if c.container_image:

@@ -309,11 +309,25 @@ class CheckpointConfig:
     default): every rank writes its own shard, no communication; reloads only into a layout
     that differs in DP alone. ``fully_reshardable``: gathered per parameter on DP rank 0
     (slow: measured 10x the blocking time on CPU); reloads into any TP/PP/DP layout."""
+    s3_uri: str = ""
+    """``s3://bucket[/prefix]``: rank 0 also copies every committed checkpoint to
+    ``<s3_uri>/step_<N>/`` in the background and mirrors retention deletions; '' = off. A copy
+    is complete only once its ``COMMITTED.json`` is there (uploaded last). Endpoint, region and
+    credentials come from the environment (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, an instance
+    role...), never from this file."""
+    s3_exit_timeout_s: float = 300.0
+    """After training, how long the process may stay alive to finish S3 copies still running;
+    what is left is uploaded when a job with this ``checkpoint.dir`` starts next."""
 
     def problems(self) -> list[str]:
         out = [f"checkpoint.{name}={getattr(self, name)} must be >= 0"
-               for name in ("save_interval", "interval_minutes", "keep_every")
+               for name in ("save_interval", "interval_minutes", "keep_every",
+                            "s3_exit_timeout_s")
                if getattr(self, name) < 0]
+        if self.s3_uri and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?",
+                                            self.s3_uri):
+            out.append(f"checkpoint.s3_uri={self.s3_uri!r} must be '' (no S3 copies) or "
+                       "s3://<bucket>[/<prefix>], e.g. s3://my-bucket/llama3-8b")
         if self.keep_last < 1:
             out.append(f"checkpoint.keep_last={self.keep_last} must be >= 1 (the run resumes "
                        "from the newest checkpoint)")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import submitit
 
 from launch import sbatch
@@ -104,7 +105,7 @@ def run_rank(argv: list[str], cwd: str) -> None:
 
     The rank writes straight to the task's log (no pipe to drain), and when it ends, however it
     ends, its process group is killed: megatron's async-checkpoint worker must not outlive a
-    SIGKILLed rank and keep the job alive.
+    SIGKILLed rank and keep the job alive. A rank that fails ends the job's other ranks too.
     """
     process = subprocess.Popen(argv, cwd=cwd, start_new_session=True)
     try:
@@ -113,7 +114,29 @@ def run_rank(argv: list[str], cwd: str) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
     if code != 0:
+        _kill_peer_ranks()
         raise RuntimeError(f"rank exited with code {code}: {shlex.join(argv)}")
+
+
+def _kill_peer_ranks() -> None:
+    """What ``srun --kill-on-bad-exit`` does on Slurm: one failed rank ends the whole job.
+
+    Peers of a dead rank wait in a collective until ``resilience.collective_timeout_s``; a
+    frozen rank (SIGSTOP, a stuck node) never exits, and submitit's local controller waits for
+    every task, so the job would never end. The peers are the other tasks of that controller
+    (this task's parent); each runs its rank as a session leader (``run_rank``), so killing
+    the rank's group takes its checkpoint writer along. SIGKILL ends stopped processes too.
+    """
+    controller = os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+    if controller is None or int(controller) != os.getppid():
+        return  # not a local-executor task (the debug executor runs in the launcher)
+    for task in psutil.Process(os.getppid()).children():
+        if task.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for rank in task.children():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(rank.pid, signal.SIGKILL)
 
 
 def follow(job: submitit.Job, poll_s: float = 0.5) -> int:

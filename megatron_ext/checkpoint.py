@@ -31,6 +31,7 @@ import shutil
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -54,6 +55,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from launch.schema import CheckpointConfig, Layout
 from megatron_ext import commit
+from megatron_ext.replicate import S3Replicator
 
 log = logging.getLogger("megatron_ext.checkpoint")
 
@@ -96,7 +98,8 @@ class Checkpointer:
 
     def __init__(self, cfg: CheckpointConfig, *, model: list[torch.nn.Module],
                  optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
-                 layout: Layout, config_yaml: str) -> None:
+                 layout: Layout, config_yaml: str,
+                 on_failure: Callable[[str], object] | None = None) -> None:  # S3 copy failures
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.root = Path(cfg.dir)
         self.layout = dataclasses.asdict(layout)
@@ -107,6 +110,10 @@ class Checkpointer:
         self._in_flight: int | None = None
         self._requested = False
         self._last_save = time.monotonic()
+        self._replica = S3Replicator.from_config(cfg, rank=self.rank, on_failure=on_failure)
+        if cfg.s3_uri and self.rank == 0:  # copies an earlier job was ended before finishing
+            for step in commit.load_order(listing(self.root)):
+                self._replica.upload(self.root / commit.step_dir(step))
         warm_up_writer()
 
     # -- what is saved -------------------------------------------------------------------
@@ -188,9 +195,11 @@ class Checkpointer:
         """Runs on every rank after all of them wrote their shards (megatron's finalize)."""
         if self.rank == 0:
             publish(self.root, step, self.config_yaml)
+            self._replica.upload(self.root / commit.step_dir(step))
             for name in commit.to_delete(listing(self.root), keep_last=self.cfg.keep_last,
                                          keep_every=self.cfg.keep_every):
                 remove(self.root / name)
+                self._replica.delete(name)
             log.info("checkpoint %s committed", self.root / commit.step_dir(step))
         dist.barrier()  # nobody sees the step as saved before it is visible
         self.last_committed_step, self._in_flight = step, None
@@ -202,6 +211,7 @@ class Checkpointer:
         self._finalize(blocking=True)
         if self._queue is not None:
             self._queue.close()
+        self._replica.close(self.cfg.s3_exit_timeout_s)
 
     # -- loading -------------------------------------------------------------------------
     def load_latest(self) -> Resume:

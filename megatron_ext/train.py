@@ -68,7 +68,8 @@ class Training:
     ckpt: Checkpointer
 
 
-def build(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool) -> Training:
+def build(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Alerts
+          ) -> Training:
     """Process groups, model (random, reproducible or pretrained), optimizer, data, checkpointer."""
     t, run_dir = cfg.train, Path(cfg.run_dir)
     parallel.init(layout, env, seed=t.seed, timeout_s=cfg.resilience.collective_timeout_s,
@@ -83,7 +84,9 @@ def build(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool) -> Trainin
     dataset = build_train_dataset(cfg, cache_dir=str(run_dir / "data_cache"))
     plan = BatchPlan(t.global_batch_size, t.micro_batch_size, layout.dp, parallel.dp_rank())
     ckpt = Checkpointer(cfg.checkpoint, model=chunks, optimizer=optimizer, scheduler=scheduler,
-                        layout=layout, config_yaml=to_yaml(cfg))
+                        layout=layout, config_yaml=to_yaml(cfg),
+                        on_failure=functools.partial(alerts.send, alert_kinds.CHECKPOINT_FAILURE,
+                                                     rank=env.rank))
     return Training(model, optimizer, scheduler, dataset, plan, ckpt)
 
 
@@ -120,7 +123,7 @@ def _check_loss(result: StepResult, step: int, streak: int, cfg: RunConfig, env:
 
 def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Alerts) -> None:
     t = cfg.train
-    run = build(cfg, env, layout, use_gpu)
+    run = build(cfg, env, layout, use_gpu, alerts)
     resume = run.ckpt.load_latest()
     start_step, consumed = resume.step, resume.consumed_samples
     report = StepReporter(cfg, env, layout, use_gpu, start_step)

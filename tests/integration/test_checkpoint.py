@@ -26,8 +26,10 @@ import pytest
 
 from launch.config import compose, to_run_config, to_yaml
 from megatron_ext import commit
+from megatron_ext.replicate import s3_client
 from tests.conftest import run_launch
 from tests.integration.conftest import read_metrics
+from tests.s3_server import aws_env, s3_endpoint
 
 pytestmark = pytest.mark.slow
 
@@ -196,3 +198,44 @@ def test_a_fully_reshardable_checkpoint_loads_into_another_layout(reference, tmp
     resumed, expected = _losses(tmp_path / "run"), _after(ref_losses, 4)
     assert sorted(resumed) == sorted(expected)
     assert list(resumed.values()) == pytest.approx(list(expected.values()), rel=1e-4)
+
+
+def _bucket_copy(bucket: str, prefix: str) -> dict[str, bytes]:
+    client = s3_client()
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {item["Key"].removeprefix(prefix): client.get_object(
+        Bucket=bucket, Key=item["Key"])["Body"].read() for item in listed}
+
+
+def _local_copy(ckpt_dir: Path) -> dict[str, bytes]:
+    return {f"{folder.name}/{f.name}": f.read_bytes()
+            for folder in ckpt_dir.glob("step_*") for f in folder.iterdir()}
+
+
+def test_committed_checkpoints_are_copied_to_s3_and_a_rerun_completes_cut_short_copies(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """checkpoint.s3_uri against a real S3 endpoint (moto's server on 127.0.0.1)."""
+    name, bucket = "ckpt-s3", "ckpt-s3"
+    run = (f"name={name}", *TRAIN, "checkpoint.keep_last=2",
+           f"checkpoint.s3_uri=s3://{bucket}/runs")
+    with s3_endpoint() as endpoint:
+        for key, value in aws_env(endpoint).items():  # the ranks inherit the environment
+            monkeypatch.setenv(key, value)
+        s3_client().create_bucket(Bucket=bucket)
+        result = run_launch(*run, cwd=workdir)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        ckpt_dir = workdir / "runs" / name / "checkpoints"
+        local = _local_copy(ckpt_dir)
+        assert {key.split("/")[0] for key in local} == {"step_000008", "step_000012"}
+        for step in (4, 8, 12):
+            assert f"checkpoint {commit.step_dir(step)} copied to s3://{bucket}/runs/" \
+                f"{commit.step_dir(step)}/" in result.stdout
+        assert _bucket_copy(bucket, "runs/") == local  # step 4 deleted there too, by retention
+
+        client = s3_client()  # as if the job had been ended while copying
+        client.delete_object(Bucket=bucket, Key=f"runs/step_000012/{commit.MARKER}")
+        client.delete_object(Bucket=bucket, Key="runs/step_000008/common.pt")
+        client.delete_object(Bucket=bucket, Key=f"runs/step_000008/{commit.MARKER}")
+        rerun = run_launch(*run, cwd=workdir)  # resumes at the last step, trains no more
+        assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+        assert _bucket_copy(bucket, "runs/") == local

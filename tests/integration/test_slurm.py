@@ -114,3 +114,23 @@ def test_the_pre_timeout_signal_saves_and_requeues_the_job(slurm: Path, workdir:
     """``--signal=USR1@120`` near the time limit: the ranks save, exit 42, the script requeues."""
     _, log = _interrupt_mid_run(workdir, "slurm-timeout", ["scancel", "--signal=USR1"])
     assert "stop signal: saving step" in log
+
+
+def test_a_frozen_rank_ends_the_job_once_the_watchdog_fires(slurm: Path, workdir: Path) -> None:
+    """A SIGSTOPped rank never exits: the watchdog of its peer does, and ``srun
+    --kill-on-bad-exit`` then ends the step instead of holding the nodes to the time limit."""
+    job_id, run_dir = launch(workdir, "name=slurm-frozen", "train.steps=300",
+                             "resilience.watchdog.timeout_s=10",
+                             "resilience.collective_timeout_s=600")
+    deadline = time.monotonic() + 120
+    while len(metrics(run_dir)) < 3:
+        assert time.monotonic() < deadline, job_info(job_id)
+        time.sleep(0.5)
+    ranks = subprocess.run(["pgrep", "-f", f"^[^ ]*python[^ ]* -m megatron_ext.train {run_dir}/"],
+                           capture_output=True, text=True).stdout.split()  # not srun's own
+    assert len(ranks) == 2, ranks
+    subprocess.run(["kill", "-STOP", ranks[1]], check=True)
+    frozen = time.monotonic()
+    info = wait_for(job_id, timeout=120)
+    assert info["JobState"] == "FAILED" and time.monotonic() - frozen < 10 + 30, info
+    assert len(metrics(run_dir)) < 300

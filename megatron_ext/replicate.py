@@ -1,0 +1,196 @@
+"""Copies of committed checkpoints in S3 (``checkpoint.s3_uri``), for FSx-plus-S3 clusters.
+
+``checkpoint.dir`` is on a shared filesystem, so rank 0 alone uploads, from a daemon thread:
+training only enqueues. ``COMMITTED.json`` goes up last and is deleted first, so a copy in S3
+is complete if and only if its marker is there; a restore trusts only marked copies, like
+the loader trusts only marked folders (``megatron_ext.commit``). Retention deletions are
+mirrored. A failed copy is logged and reported through ``on_failure``, never raised.
+
+boto3 reads the endpoint, region and credentials from the environment (``AWS_ENDPOINT_URL``,
+``AWS_REGION``, ``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, the instance
+role), as the aws CLI does; nothing of it is in the config.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.config
+from boto3.s3.transfer import TransferConfig
+
+from launch.schema import CheckpointConfig
+from megatron_ext import commit
+
+log = logging.getLogger("megatron_ext.replicate")
+
+_CONCURRENCY = 8
+"""Files uploaded at once: S3 throughput is per connection (tens of MB/s to ~100 MB/s), and a
+checkpoint has one shard file per rank."""
+# Each file uploads on the (daemon) thread that took it, not in s3transfer's thread pool: a
+# pool's threads would hold the exit past s3_exit_timeout_s on a hung endpoint, and a pool takes
+# no new work once the interpreter is exiting, which would fail the copies the exit waits for.
+_TRANSFER = TransferConfig(use_threads=False)
+
+
+def s3_client() -> Any:
+    """A client configured the way the aws CLI is: from the environment and ~/.aws."""
+    config = botocore.config.Config(max_pool_connections=_CONCURRENCY)
+    return boto3.session.Session().client("s3", config=config)
+
+
+class S3Replicator:
+    """Uploads and deletions in the order they were asked for, one checkpoint at a time."""
+
+    def __init__(self, uri: str, *, client: Any,
+                 on_failure: Callable[[str], object] | None = None) -> None:
+        self.uri = uri.rstrip("/")
+        self._bucket, _, prefix = self.uri.removeprefix("s3://").partition("/")
+        self._prefix = prefix.strip("/")
+        self._client, self._on_failure = client, on_failure
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = 0
+        self._idle = threading.Condition()
+        threading.Thread(target=self._run, name="s3-replicate", daemon=True).start()
+
+    @classmethod
+    def from_config(cls, cfg: CheckpointConfig, *, rank: int,
+                    on_failure: Callable[[str], object] | None = None
+                    ) -> S3Replicator | NullReplicator:
+        """Rank 0 copies (the folder is shared); every other rank, or no ``s3_uri``: a no-op."""
+        if not cfg.s3_uri or rank != 0:
+            return NullReplicator()
+        log.info("copying committed checkpoints to %s", cfg.s3_uri)
+        return cls(cfg.s3_uri, client=s3_client(), on_failure=on_failure)
+
+    def upload(self, folder: Path) -> None:
+        """Queue a copy of a committed folder; skipped if S3 holds this very copy already."""
+        self._enqueue(f"upload of {folder}", functools.partial(self._upload, folder))
+
+    def delete(self, name: str) -> None:
+        """Queue the removal of the copy of checkpoint folder ``name``."""
+        self._enqueue(f"deletion of {name}", functools.partial(self._delete, name))
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block until everything queued so far was copied or failed; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout_s)
+
+    def close(self, timeout_s: float) -> None:
+        """Return at once; the process exits when the queued copies end, or after ``timeout_s``.
+
+        A non-daemon thread holds the exit, so the rest of shutdown (the watchdog's close
+        among it) is not held up; a run that raised never gets here and exits at once.
+        """
+        threading.Thread(target=self._finish, args=(timeout_s,), name="s3-replicate-exit").start()
+
+    def _finish(self, timeout_s: float) -> None:
+        if not self.wait(timeout_s):
+            log.warning("S3 copies still running after checkpoint.s3_exit_timeout_s=%g s; "
+                        "exiting without them (the next job with this checkpoint.dir uploads "
+                        "what %s lacks)", timeout_s, self.uri)
+
+    def _enqueue(self, what: str, job: Callable[[], None]) -> None:
+        with self._idle:
+            self._pending += 1
+        self._jobs.put((what, job))
+
+    def _run(self) -> None:
+        while True:
+            what, job = self._jobs.get()
+            try:
+                job()
+            except Exception as exc:  # a copy must never take training down
+                message = f"S3 {what} ({self.uri}) failed: {type(exc).__name__}: {exc}"
+                log.error("%s", message)
+                if self._on_failure is not None:
+                    with contextlib.suppress(Exception):  # logged above; copies must go on
+                        self._on_failure(message)
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+    def _key(self, name: str, relative: str = "") -> str:
+        """``<prefix>/<name>/<relative>``: the slash keeps step_100000 off step_1000000."""
+        return "/".join(part for part in (self._prefix, name) if part) + "/" + relative
+
+    def _upload(self, folder: Path) -> None:
+        marker = (folder / commit.MARKER).read_bytes()
+        marker_key = self._key(folder.name, commit.MARKER)
+        try:
+            if self._client.get_object(Bucket=self._bucket, Key=marker_key)["Body"].read() \
+                    == marker:
+                return  # an earlier job copied this save completely
+        except self._client.exceptions.NoSuchKey:
+            pass
+        start = time.monotonic()
+        # A copy of an earlier save of this step stops counting as complete before it changes.
+        self._client.delete_object(Bucket=self._bucket, Key=marker_key)
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != commit.MARKER)
+        self._upload_all(folder, files)
+        self._client.put_object(Bucket=self._bucket, Key=marker_key, Body=marker)
+        log.info("checkpoint %s copied to %s/%s/ (%d files, %.1f GB, %.0f s)", folder.name,
+                 self.uri, folder.name, len(files) + 1,
+                 sum(p.stat().st_size for p in files) / 1e9, time.monotonic() - start)
+
+    def _upload_all(self, folder: Path, files: list[Path]) -> None:
+        """Every file, ``_CONCURRENCY`` at a time, on daemon threads; raises the first error."""
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for path in files:
+            todo.put(path)
+        errors: list[Exception] = []
+
+        def work() -> None:
+            while not errors:
+                try:
+                    path = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    self._client.upload_file(str(path), self._bucket, self._key(
+                        folder.name, path.relative_to(folder).as_posix()), Config=_TRANSFER)
+                except Exception as exc:  # re-raised on the replicating thread below
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=work, name="s3-upload", daemon=True)
+                   for _ in range(min(_CONCURRENCY, len(files)))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def _delete(self, name: str) -> None:
+        """The marker first: a copy half deleted must not look complete."""
+        self._client.delete_object(Bucket=self._bucket, Key=self._key(name, commit.MARKER))
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self._bucket,
+                                                                       Prefix=self._key(name))
+        for page in pages:  # at most 1000 keys a page, as many as one delete_objects takes
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if keys:
+                failed = self._client.delete_objects(
+                    Bucket=self._bucket, Delete={"Objects": keys, "Quiet": True}).get("Errors")
+                if failed:
+                    raise RuntimeError(f"{len(failed)} objects not deleted, e.g. {failed[0]}")
+
+
+class NullReplicator:
+    """No ``checkpoint.s3_uri``, or not rank 0: same interface, does nothing."""
+
+    def upload(self, folder: Path) -> None:
+        pass
+
+    def delete(self, name: str) -> None:
+        pass
+
+    def close(self, timeout_s: float) -> None:
+        pass
