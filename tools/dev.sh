@@ -14,11 +14,15 @@ setup() {
     echo "setting up $VENV with $($PYTHON --version)"
     "$PYTHON" -m venv "$VENV"
   fi
-  if ! "$VENV/bin/python" -c "import launch, megatron.core, torch, pytest" 2>/dev/null; then
+  # (Re)install when the venv is new or setup.cfg's dependencies changed since the last install.
+  local stamp="$VENV/.installed-setup.cfg"
+  if ! cmp -s setup.cfg "$stamp" \
+     || ! "$VENV/bin/python" -c "import launch, megatron.core, torch, pytest" 2>/dev/null; then
     # torch first, pinned: a CPU build where one is on the local index, before megatron-core
     # could pull a multi-GB CUDA build through its own dependency on torch.
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[test]"
+    cp setup.cfg "$stamp"
   fi
 }
 
