@@ -348,7 +348,9 @@ class DataConfig:
     kind: str = "indexed"
     sources: list[DataSource] = field(default_factory=list)
     tokenizer: str = ""
-    """Path of a Hugging Face ``tokenizer.json`` (a local file; nothing is downloaded)."""
+    """A Hugging Face ``tokenizer.json``, or the local directory holding it (nothing is
+    downloaded); its end-of-document token is the ``tokenizer_config.json`` eos_token, else
+    ``<|endoftext|>`` or Llama 3's ``<|end_of_text|>``."""
     split: str = "98,1,1"
     prepare_demo: bool = False
     """Build the shipped demo corpus, tokenizer and dataset first if they are missing."""

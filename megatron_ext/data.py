@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy
@@ -18,22 +19,17 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer as MegatronTokenizer
 
 from launch.schema import DataConfig, RunConfig
-
-EOD_TOKEN = "<|endoftext|>"
-
+from tools import prepare_data
 
 class HFTokenizer(MegatronTokenizer):
-    """A local ``tokenizer.json`` (Hugging Face ``tokenizers``) in megatron's tokenizer interface."""
+    """A local Hugging Face tokenizer (``tokenizer.json`` or its directory) in megatron's
+    tokenizer interface; the end-of-document token is found as tools.prepare_data finds it
+    (``tokenizer_config.json``'s eos_token, else ``<|endoftext|>``, Llama 3's
+    ``<|end_of_text|>``...), so training splits documents where the data has them."""
 
     def __init__(self, path: str) -> None:
-        from tokenizers import Tokenizer
-
         super().__init__(path)
-        self._tokenizer = Tokenizer.from_file(path)
-        eod = self._tokenizer.token_to_id(EOD_TOKEN)
-        if eod is None:
-            raise ValueError(f"{path} has no {EOD_TOKEN} token; megatron needs one for documents")
-        self._eod = eod
+        self._tokenizer, self._eod = prepare_data.load_tokenizer(Path(path))
 
     def tokenize(self, text: str) -> list[int]:
         return self._tokenizer.encode(text).ids

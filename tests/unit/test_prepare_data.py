@@ -106,3 +106,21 @@ def test_cli_reports_per_file_tokens_and_parquet(tokenizer: Path, tmp_path: Path
     assert main(["--input", str(tmp_path / "nothing"), "--tokenizer", str(tokenizer),
                  "--output-prefix", str(tmp_path / "x")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_training_reads_a_llama_3_style_tokenizer_s_end_of_text(tmp_path: Path) -> None:
+    """Llama 3 ends documents with <|end_of_text|>; data prep and training agree on its id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from megatron_ext.data import HFTokenizer
+
+    vocab = {"<|begin_of_text|>": 0, "hello": 1, "world": 2, "<|end_of_text|>": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="hello"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "llama3-tokenizer"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    for path in (folder, folder / "tokenizer.json"):  # the directory or the file
+        training = HFTokenizer(str(path))
+        assert training.eod == 3 == load_tokenizer(path)[1]
+        assert training.tokenize("hello world") == [1, 2]
