@@ -57,6 +57,10 @@ class ModelConfig:
     """Vocabulary the embedding is built for; the tokenizer's must not be larger."""
     max_position_embeddings: int = 2048
     rotary_base: int = 500000
+    rope_scaling_factor: float = 0.0
+    """Llama 3.1/3.2 RoPE scaling ("rope_type": "llama3"): 8 for 3.1, 32 for 3.2; 0 = none.
+    megatron-core applies it with low_freq_factor 1, high_freq_factor 4 and
+    original_max_position_embeddings 8192, the values every Llama 3.1/3.2 release uses."""
     norm_epsilon: float = 1e-5
     untie_embeddings_and_output_weights: bool = True
     make_vocab_size_divisible_by: int = 128
@@ -73,6 +77,9 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                      "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
             out += positive_problem(f"model.{name}", getattr(self, name))
+        if self.rope_scaling_factor < 0:
+            out.append(f"model.rope_scaling_factor={self.rope_scaling_factor} must be >= 0 "
+                       "(0: no RoPE scaling)")
         if out:
             return out
         if self.hidden_size % self.num_attention_heads:

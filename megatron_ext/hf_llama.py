@@ -28,7 +28,9 @@ INDEX_FILE = "weights.index.json"
 # Files copied between a Hugging Face directory and a converted one, so export is usable.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
-_LAYER = "decoder.layers."
+LAYER_PREFIX = "decoder.layers."
+PADDED_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
+"""Megatron pads these to a multiple of make_vocab_size_divisible_by * TP rows."""
 
 
 class WeightSource(Protocol):
@@ -39,9 +41,25 @@ class WeightSource(Protocol):
         """The full tensor of a megatron key with its layer, e.g. ``decoder.layers.3.mlp...``."""
 
 
+LLAMA3_ROPE_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+"""What megatron-core's llama3 RoPE scaling fixes; only ``factor`` is configurable."""
+
+
+def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings: ``rope_scaling`` (transformers 4) or ``rope_parameters`` (5)."""
+    return hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+
+
+def rope_scaling(factor: float) -> dict[str, Any] | None:
+    """The ``config.json`` ``rope_scaling`` entry for ``model.rope_scaling_factor``."""
+    return {"rope_type": "llama3", "factor": factor, **LLAMA3_ROPE_SCALING} if factor else None
+
+
 def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
     """The ``model.*`` values of a Llama ``config.json`` (both transformers 4 and 5 spellings)."""
-    rope = hf.get("rope_parameters") or {}
+    rope = _rope(hf)
+    llama3 = rope.get("rope_type", rope.get("type")) == "llama3"
     return {
         "num_layers": hf["num_hidden_layers"], "hidden_size": hf["hidden_size"],
         "num_attention_heads": hf["num_attention_heads"],
@@ -49,6 +67,7 @@ def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
         "ffn_hidden_size": hf["intermediate_size"], "vocab_size": hf["vocab_size"],
         "max_position_embeddings": hf["max_position_embeddings"],
         "rotary_base": int(hf.get("rope_theta") or rope.get("rope_theta", 10000)),
+        "rope_scaling_factor": float(rope["factor"]) if llama3 else 0.0,
         "norm_epsilon": hf["rms_norm_eps"],
         "untie_embeddings_and_output_weights": not hf.get("tie_word_embeddings", False),
     }
@@ -66,11 +85,15 @@ def unsupported(hf: dict[str, Any]) -> list[str]:
         out.append(f"hidden_act={hf['hidden_act']!r}: only silu (SwiGLU) is supported")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         out.append("attention_bias/mlp_bias: Llama has no biases; these weights do")
-    scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    scaling = _rope(hf)
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind != "default":
-        out.append(f"RoPE scaling {kind!r} is not supported yet (ModelConfig has no rope "
-                   "scaling field); positions would be encoded differently")
+    if kind not in ("default", "llama3"):
+        out.append(f"rope_scaling.rope_type={kind!r} is not supported; choose default or llama3 "
+                   "(Llama 3.1/3.2)")
+    if kind == "llama3":
+        out += [f"rope_scaling.{name}={scaling.get(name)!r} is not supported; megatron-core "
+                f"fixes it to {value}" for name, value in LLAMA3_ROPE_SCALING.items()
+                if scaling.get(name) != value]
     return out
 
 
@@ -90,7 +113,7 @@ def layer_keys(tied: bool) -> tuple[list[str], list[str]]:
 
 def all_keys(model: dict[str, Any]) -> list[str]:
     outer, suffixes = layer_keys(not model["untie_embeddings_and_output_weights"])
-    return outer + [f"{_LAYER}{i}.{s}" for i in range(model["num_layers"]) for s in suffixes]
+    return outer + [f"{LAYER_PREFIX}{i}.{s}" for i in range(model["num_layers"]) for s in suffixes]
 
 
 # -- fused tensors ----------------------------------------------------------------------------
@@ -134,7 +157,7 @@ def to_hf(key: str, tensor: torch.Tensor, model: dict[str, Any]) -> dict[str, to
     """One megatron tensor -> the Hugging Face tensors it holds."""
     if key in _FROM_HF_OUTER:
         return {_FROM_HF_OUTER[key]: tensor}
-    layer, suffix = key[len(_LAYER):].split(".", 1)
+    layer, suffix = key[len(LAYER_PREFIX):].split(".", 1)
     names = [f"model.layers.{layer}.{n}" for n in _FROM_HF_LAYER[suffix][0]]
     if suffix == "self_attention.linear_qkv.weight":
         parts = split_qkv(tensor, model["num_attention_heads"], model["num_query_groups"])
@@ -186,7 +209,7 @@ class HFLlama:
     def tensor(self, key: str) -> torch.Tensor:
         if key in _FROM_HF_OUTER:
             return _read(self._files, _FROM_HF_OUTER[key])
-        layer, suffix = key[len(_LAYER):].split(".", 1)
+        layer, suffix = key[len(LAYER_PREFIX):].split(".", 1)
         names, combine = _FROM_HF_LAYER[suffix]
         return combine([_read(self._files, f"model.layers.{layer}.{n}") for n in names], self.model)
 

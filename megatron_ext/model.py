@@ -84,7 +84,9 @@ def build_model(model: ModelConfig, train: TrainConfig, layout: Layout,
             pre_process=parallel.is_first_stage(vp_stage),
             post_process=parallel.is_last_stage(vp_stage),
             share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
-            position_embedding_type="rope", rotary_base=model.rotary_base, vp_stage=vp_stage)
+            position_embedding_type="rope", rotary_base=model.rotary_base,
+            rope_scaling=model.rope_scaling_factor > 0,
+            rope_scaling_factor=model.rope_scaling_factor or 8.0, vp_stage=vp_stage)
         chunks.append(chunk.cuda() if use_gpu else chunk)
     return chunks, config
 

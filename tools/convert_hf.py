@@ -2,12 +2,15 @@
 
     python -m tools.convert_hf import --hf <hf dir> --out <converted dir> [--tp N --pp N]
     python -m tools.convert_hf export --megatron <converted dir> --out <hf dir>
+    python -m tools.convert_hf export --megatron <checkpoint.dir or its step_N> --out <hf dir>
 
 The converted directory holds megatron's global tensors (one safetensors file per layer,
 keyed ``decoder.layers.<i>.self_attention.linear_qkv.weight`` ...), so it is independent of
 the layout: ``train.init_from=<dir>`` loads it into any TP/PP/VPP/DP run, and ``--tp/--pp``
 only check that the model can be split that way. One layer is in memory at a time.
 ``train.init_from`` also accepts the Hugging Face directory itself (converted while loading).
+Export also reads a training run's checkpoints (any layout; model weights only, from the
+newest committed step or the one named), with the tokenizer the run trained with.
 """
 from __future__ import annotations
 
@@ -19,18 +22,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_ext import commit
 from megatron_ext.hf_llama import (
     FORMAT,
     INDEX_FILE,
+    LAYER_PREFIX,
     META_FILE,
+    PADDED_ROWS,
     TOKENIZER_FILES,
     HFLlama,
     WeightSource,
     layer_keys,
     open_weights,
+    rope_scaling,
     to_hf,
 )
+from tools.prepare_data import load_tokenizer
 
 
 def layout_problems(model: dict[str, Any], tp: int, pp: int) -> list[str]:
@@ -90,14 +108,124 @@ def _hf_config(source: WeightSource) -> dict[str, Any]:
             "num_attention_heads": m["num_attention_heads"],
             "num_key_value_heads": m["num_query_groups"], "intermediate_size": m["ffn_hidden_size"],
             "vocab_size": m["vocab_size"], "max_position_embeddings": m["max_position_embeddings"],
-            "rope_theta": float(m["rotary_base"]), "rms_norm_eps": m["norm_epsilon"],
+            "rope_theta": float(m["rotary_base"]),
+            "rope_scaling": rope_scaling(m.get("rope_scaling_factor", 0.0)),
+            "rms_norm_eps": m["norm_epsilon"],
             "tie_word_embeddings": not m["untie_embeddings_and_output_weights"],
             "hidden_act": "silu"}
 
 
-def export_hf(src: Path, out: Path) -> dict[str, Any]:
-    """Write a Hugging Face directory (one safetensors file per layer, with an index)."""
-    source = open_weights(src)
+class _BlockPlanner(DefaultLoadPlanner):
+    """Reads one block of a stored global tensor; torch's default planner reads it whole."""
+
+    def __init__(self, offsets: tuple[int, ...]) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._offsets = offsets
+
+    def create_local_plan(self) -> LoadPlan:
+        (key, block), = self.state_dict.items()
+        wanted = ChunkStorageMetadata(offsets=torch.Size(self._offsets), sizes=block.shape)
+        return LoadPlan(create_read_items_for_chunk_list(
+            key, self.metadata.state_dict_metadata[key], [wanted]))
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.state_dict[index.fqn]  # the block itself, not a shard of a larger tensor
+
+
+class TrainingCheckpoint:
+    """The model weights of one committed checkpoint of a training run (megatron_ext.checkpoint).
+
+    megatron's torch_dist format stores every parameter as one global tensor (layers stacked
+    on axis 0, the vocabulary padded for TP), whatever TP/PP/VPP/DP layout wrote it, so one
+    process reads any layout back. Only the block asked for is read: one layer of one weight
+    at a time, never the optimizer state.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        # megatron takes seconds to import; only this kind of export needs it
+        from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+            CachedMetadataFileSystemReader,
+        )
+
+        self.folder = folder
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        self.model: dict[str, Any] = config["model"]
+        self.tokenizer: str = config["data"]["tokenizer"]
+        self._reader = CachedMetadataFileSystemReader(str(folder))
+        self._stored = self._reader.read_metadata().state_dict_metadata
+
+    def tensor(self, key: str) -> torch.Tensor:
+        stored, layer = key, ()
+        if key.startswith(LAYER_PREFIX):  # decoder.layers.<i>.<rest>: block i of the stack
+            index, rest = key[len(LAYER_PREFIX):].split(".", 1)
+            stored, layer = LAYER_PREFIX + rest, (int(index),)
+        meta = self._stored.get(stored)
+        if not isinstance(meta, TensorStorageMetadata):
+            raise KeyError(f"{self.folder}: tensor {stored!r} is missing from the checkpoint")
+        shape = list(meta.size[len(layer):])
+        if key in PADDED_ROWS:
+            shape[0] = self.model["vocab_size"]  # the rows megatron padded for TP are dropped
+        block = torch.empty([1] * len(layer) + shape, dtype=meta.properties.dtype)
+        dcp.load({stored: block}, storage_reader=self._reader, no_dist=True,
+                 planner=_BlockPlanner((*layer, *[0] * len(shape))))
+        return block.reshape(shape)
+
+
+def committed_checkpoint(path: Path) -> Path:
+    """The step folder to export: ``path`` itself if it is a committed ``step_<N>``, else the
+    newest committed one under it (a run's ``checkpoint.dir``); verified against its manifest.
+
+    Uncommitted folders (``.tmp``, or no marker: a save killed or still being written) are
+    never read, the same rules ``Checkpointer.load_latest`` resumes by.
+    """
+    from megatron_ext.checkpoint import listing, verify  # imports megatron: seconds
+
+    if commit.incomplete({path.name: (path / commit.MARKER).is_file()}):
+        raise ValueError(f"{path} is not a committed checkpoint (no {commit.MARKER}: its save "
+                         "was interrupted or is still running); export a committed step")
+    if commit.parse_step(path.name) is not None:
+        chosen = path
+    else:
+        found = listing(path)
+        newest = commit.load_order(found)
+        if not newest:
+            skipped = f" (uncommitted, skipped: {', '.join(commit.incomplete(found))})" \
+                if commit.incomplete(found) else ""
+            raise ValueError(f"{path} holds no committed training checkpoint (step_<N>/ with "
+                             f"{commit.MARKER}){skipped}, no converted checkpoint ({META_FILE}) "
+                             "and no Hugging Face model (config.json)")
+        chosen = path / commit.step_dir(newest[0])
+    problems = verify(chosen)
+    if problems:
+        raise ValueError(f"{chosen} does not match its manifest: {'; '.join(problems)}; export "
+                         "an older committed step_<N> folder instead")
+    return chosen
+
+
+def _run_tokenizer(tokenizer: str, out: Path) -> dict[str, Any]:
+    """Copy the tokenizer a run trained with; its end-of-document id is the model's eos."""
+    path = Path(tokenizer)
+    if not tokenizer or not path.is_file():
+        print(f"convert_hf: no tokenizer copied (the run's data.tokenizer={tokenizer!r} is not "
+              "a file here); add tokenizer.json to the export yourself", file=sys.stderr)
+        return {}
+    _copy_tokenizer(path.parent, out)  # tokenizer_config.json etc. kept beside it
+    shutil.copy2(path, out / "tokenizer.json")
+    return {"eos_token_id": load_tokenizer(path)[1]}
+
+
+def export_hf(src: Path, out: Path) -> Path:
+    """Write a Hugging Face directory (one safetensors file per layer, with an index).
+
+    ``src``: a converted or Hugging Face directory, a run's ``checkpoint.dir`` or one of its
+    ``step_<N>`` folders. Returns the folder the weights were read from.
+    """
+    source: WeightSource
+    if (src / META_FILE).is_file() or (src / "config.json").is_file():
+        source, folder = open_weights(src), src
+    else:
+        folder = committed_checkpoint(src)
+        source = TrainingCheckpoint(folder)
     m = source.model
     out.mkdir(parents=True, exist_ok=True)
     outer, suffixes = layer_keys(not m["untie_embeddings_and_output_weights"])
@@ -111,9 +239,13 @@ def export_hf(src: Path, out: Path) -> dict[str, Any]:
         weight_map.update(dict.fromkeys(tensors, name))
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    (out / "config.json").write_text(json.dumps(_hf_config(source), indent=1))
-    _copy_tokenizer(src, out)
-    return m
+    config = _hf_config(source)
+    if isinstance(source, TrainingCheckpoint):
+        config.update(_run_tokenizer(source.tokenizer, out))
+    else:
+        _copy_tokenizer(src, out)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,14 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--out", type=Path, required=True)
     imp.add_argument("--tp", type=int, default=1, help="check the weights split this way")
     imp.add_argument("--pp", type=int, default=1, help="check the weights split this way")
-    exp = sub.add_parser("export", help="converted megatron directory -> Hugging Face Llama")
-    exp.add_argument("--megatron", type=Path, required=True)
+    exp = sub.add_parser("export", help="megatron weights -> Hugging Face Llama")
+    exp.add_argument("--megatron", type=Path, required=True,
+                     help="a converted directory, a training run's checkpoint.dir (its newest "
+                          "committed step) or one committed step_<N> folder of it")
     exp.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            export_hf(args.megatron, args.out)
-            print(f"wrote a Hugging Face Llama to {args.out}")
+            folder = export_hf(args.megatron, args.out)
+            print(f"wrote a Hugging Face Llama to {args.out} from {folder}")
             return 0
         problems = layout_problems(HFLlama(args.hf).model, args.tp, args.pp)
         if problems:

@@ -83,14 +83,48 @@ def test_import_cli_checks_the_layout_and_prints_overrides(hf_dir: Path, tmp_pat
     assert layout_problems(open_weights(hf_dir).model, 1, 3) == ["--pp=3 must divide num_layers=2"]
 
 
-def test_unsupported_rope_scaling_is_refused(tmp_path: Path) -> None:
-    hf = tiny_llama(tmp_path / "hf")
-    config = json.loads((hf / "config.json").read_text())
-    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
-    config.pop("rope_parameters", None)
-    (hf / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="RoPE scaling 'llama3'"):
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+               "rope_theta": 10000.0}
+
+
+def _logits(weights: Path, tokens: torch.Tensor, tmp_path: Path, tp: int = 1) -> torch.Tensor:
+    """Logits of the trainer's own GPTModel (TP=``tp`` spawned ranks) loaded from ``weights``."""
+    torch.multiprocessing.spawn(megatron_logits, nprocs=tp,
+                                args=(tp, free_port(), str(weights), tokens, str(tmp_path / "l")))
+    return torch.cat([torch.load(f"{tmp_path / 'l'}.{r}") for r in range(tp)], dim=-1)
+
+
+def _reference(hf: Path, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return transformers.LlamaForCausalLM.from_pretrained(hf).eval()(tokens).logits
+
+
+def test_llama_3_1_rope_scaling_gives_transformers_logits(tmp_path: Path) -> None:
+    hf = tiny_llama(tmp_path / "hf", max_position_embeddings=1024, rope_parameters=LLAMA3_ROPE)
+    assert open_weights(hf).model["rope_scaling_factor"] == 8.0
+    tokens = torch.randint(0, TINY["vocab_size"], (1, 400),
+                           generator=torch.Generator().manual_seed(5))
+    logits = _logits(hf, tokens, tmp_path)[..., :TINY["vocab_size"]]
+    expected = _reference(hf, tokens)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    unscaled = _reference(tiny_llama(tmp_path / "plain", max_position_embeddings=1024), tokens)
+    # Ignoring the scaling would fail the comparison above: it shifts logits beyond its tolerance.
+    assert not torch.allclose(unscaled, expected, atol=1e-4, rtol=1e-4)
+    export_hf(hf, tmp_path / "back")  # and survives the way back
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["rope_scaling"] == \
+        {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+
+
+def test_rope_scaling_megatron_cannot_express_is_refused(tmp_path: Path) -> None:
+    hf = tiny_llama(tmp_path / "hf", rope_parameters={**LLAMA3_ROPE, "high_freq_factor": 2.0})
+    with pytest.raises(ValueError, match=r"rope_scaling.high_freq_factor=2.0 is not supported; "
+                                         r"megatron-core fixes it to 4.0"):
         open_weights(hf)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+            "original_max_position_embeddings": 256}
+    with pytest.raises(ValueError, match=r"rope_scaling.rope_type='yarn' is not supported"):
+        open_weights(tiny_llama(tmp_path / "yarn", rope_parameters=yarn))
 
 
 @pytest.mark.parametrize("tp,source", [(1, "hf"), (2, "converted")])
@@ -101,11 +135,7 @@ def test_megatron_forward_matches_transformers_logits(hf_dir: Path, tmp_path: Pa
         import_hf(hf_dir, weights)
     tokens = torch.randint(0, TINY["vocab_size"], (2, 24),
                            generator=torch.Generator().manual_seed(3))
-    torch.multiprocessing.spawn(megatron_logits, nprocs=tp,
-                                args=(tp, free_port(), str(weights), tokens, str(tmp_path / "l")))
-    logits = torch.cat([torch.load(f"{tmp_path / 'l'}.{r}") for r in range(tp)], dim=-1)
-    reference = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
-    with torch.no_grad():
-        expected = reference(tokens).logits
+    logits = _logits(weights, tokens, tmp_path, tp)
+    expected = _reference(hf_dir, tokens)
     assert logits.shape[-1] >= expected.shape[-1]  # megatron may pad the vocabulary
     torch.testing.assert_close(logits[..., :TINY["vocab_size"]], expected, atol=1e-4, rtol=1e-4)
