@@ -148,8 +148,8 @@ def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Al
         step_s = time.monotonic() - step_start
         watchdog.beat()
         check = straggler.step(step_s)
-        for straggler_report in check.reports if check else []:
-            log.warning("straggler: %s", straggler_report.describe())
+        for straggler_report in check.reports if check and env.rank == 0 else []:
+            log.warning("straggler: %s", straggler_report.describe())  # the same on every rank
             alerts.send(alert_kinds.STRAGGLER, straggler_report.describe(), rank=env.rank)
         nan_streak = _check_loss(result, step, nan_streak, cfg, env, alerts, run.ckpt)
         save_start = time.monotonic()
