@@ -21,6 +21,7 @@ from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer as
 from launch.schema import DataConfig, RunConfig
 from tools import prepare_data
 
+
 class HFTokenizer(MegatronTokenizer):
     """A local Hugging Face tokenizer (``tokenizer.json`` or its directory) in megatron's
     tokenizer interface; the end-of-document token is found as tools.prepare_data finds it

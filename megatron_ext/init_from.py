@@ -17,10 +17,8 @@ from megatron.core.models.gpt import GPTModel
 from launch.schema import ModelConfig
 from megatron_ext import commit
 from megatron_ext.checkpoint import listing
-from megatron_ext.hf_llama import WeightSource, model_problems, open_weights
+from megatron_ext.hf_llama import PADDED_ROWS, WeightSource, model_problems, open_weights
 from megatron_ext.model import weight_shards
-
-_PADDED_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def has_checkpoint(checkpoint_dir: str) -> bool:
@@ -38,7 +36,7 @@ def storage_key(shard: ShardedTensor) -> str:
 
 def _pad_rows(key: str, full: torch.Tensor, rows: int) -> torch.Tensor:
     """Megatron pads the vocabulary to a multiple of 128*TP; the padding rows start at zero."""
-    if key.endswith(_PADDED_ROWS) and full.shape[0] < rows:
+    if key.endswith(PADDED_ROWS) and full.shape[0] < rows:
         return torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
     return full
 

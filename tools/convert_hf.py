@@ -48,7 +48,7 @@ from megatron_ext.hf_llama import (
     rope_scaling,
     to_hf,
 )
-from tools.prepare_data import load_tokenizer
+from tools.prepare_data import load_tokenizer, tokenizer_file
 
 
 def layout_problems(model: dict[str, Any], tp: int, pp: int) -> list[str]:
@@ -204,11 +204,11 @@ def committed_checkpoint(path: Path) -> Path:
 
 def _run_tokenizer(tokenizer: str, out: Path) -> dict[str, Any]:
     """Copy the tokenizer a run trained with; its end-of-document id is the model's eos."""
-    path = Path(tokenizer)
-    if not tokenizer or not path.is_file():
+    if not tokenizer or not Path(tokenizer).exists():
         print(f"convert_hf: no tokenizer copied (the run's data.tokenizer={tokenizer!r} is not "
-              "a file here); add tokenizer.json to the export yourself", file=sys.stderr)
+              "found from here); add tokenizer.json to the export yourself", file=sys.stderr)
         return {}
+    path = tokenizer_file(Path(tokenizer))
     _copy_tokenizer(path.parent, out)  # tokenizer_config.json etc. kept beside it
     shutil.copy2(path, out / "tokenizer.json")
     return {"eos_token_id": load_tokenizer(path)[1]}

@@ -1,5 +1,6 @@
 """Continued pre-training end to end: JSONL -> prepare_data, an HF Llama -> convert_hf ->
-``train.init_from``, through the user's launch command on 2 CPU ranks (TP=2)."""
+``train.init_from``, through the user's launch command on 2 CPU ranks (TP=2), and the run's
+checkpoint exported back to Hugging Face."""
 from __future__ import annotations
 
 import json
@@ -10,10 +11,11 @@ from pathlib import Path
 import numpy
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from tests.conftest import run_launch
 from tests.integration.conftest import read_metrics
-from tools.convert_hf import import_hf, overrides
+from tools.convert_hf import import_hf, main, overrides
 from tools.demo_data import train_tokenizer
 from tools.prepare_data import prepare
 from tools.text_filters import Options
@@ -89,3 +91,17 @@ def test_cpt_starts_from_the_converted_llama(tmp_path: Path) -> None:
     assert len(losses) == 10
     assert losses[0] == pytest.approx(hf_loss, abs=0.3)  # the pretrained model, not a random one
     assert losses[0] < math.log(VOCAB) - 2
+
+    # Back to Hugging Face: the run's tokenizer comes along, its end-of-document token is the
+    # eos, and the exported model scores held-out text as the last training steps did.
+    assert main(["export", "--megatron", str(tmp_path / "runs" / "cpt" / "checkpoints"),
+                 "--out", str(tmp_path / "cpt-hf")]) == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "cpt-hf")
+    assert tokenizer("the cat sat").input_ids == Tokenizer.from_file(
+        str(tmp_path / "tokenizer.json")).encode("the cat sat").ids
+    exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "cpt-hf").eval()
+    assert exported.config.eos_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    with torch.no_grad():
+        held_out = windows(prefix, 32, numpy.random.default_rng(1))
+        cpt_loss = exported(held_out[:, :-1], labels=held_out[:, :-1]).loss.item()
+    assert cpt_loss == pytest.approx(losses[-1], abs=0.3)
