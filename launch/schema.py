@@ -4,14 +4,19 @@ Stdlib only, so the planner, the memory predictor and the ranks can import it ch
 Field names follow Megatron (``model.num_layers``, ``parallel.tp``, ``train.seq_length``...).
 Sections stay unfrozen because Hydra needs to apply overrides; the derived ``Layout`` is
 frozen. Each section reports its own problems as messages that name the field, the value
-and what is allowed; ``launch.config.validate`` adds the cross-section rules.
+and what is allowed; ``launch.config.validate`` adds the cross-section rules. The cluster,
+logging and resilience sections live in their own modules and are re-exported here.
 """
 from __future__ import annotations
 
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
+
+from launch.cluster_schema import ClusterConfig
+from launch.problems import choice_problem, positive_problem
+from launch.watch_schema import LoggingConfig, ResilienceConfig
 
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
 ATTENTION_BACKENDS = ("flash", "fused", "unfused")
@@ -19,27 +24,7 @@ PRECISIONS = ("bf16", "fp8", "fp32")
 RECOMPUTE = ("none", "selective", "full")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 DATA_KINDS = ("synthetic", "indexed")
-CLUSTER_KINDS = ("local", "slurm")
-INTERCONNECTS = ("none", "efa")
-SIGNAL_SPEC = re.compile(r"(USR1|USR2|TERM|INT|HUP|URG)@[0-9]{1,5}")
-"""Signals a rank can catch without side effects, and seconds before the time limit."""
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|WEBHOOK", re.IGNORECASE)
-WANDB_MODES = ("online", "offline", "disabled")
-GPU_TYPES = ("H100", "H200", "A100", "B200")
-"""GPU models the planner and the MFU metric know the peak of (tools/flops.py)."""
 NAN_ACTIONS = ("stop", "skip")
-
-
-def choice_problem(name: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
-    """One message if ``value`` is not among ``allowed``."""
-    if value in allowed:
-        return []
-    return [f"{name}={value!r} is not allowed; choose one of: {', '.join(allowed)}"]
-
-
-def positive_problem(name: str, value: float) -> list[str]:
-    return [] if value > 0 else [f"{name}={value!r} must be > 0"]
 
 
 @dataclass
@@ -109,6 +94,17 @@ class ParallelConfig:
     """Data parallel size; None derives it as world_size / (tp * pp * cp)."""
     sp: bool = False
     """Sequence parallelism for the non-attention parts; needs tp > 1."""
+    overlap_grad_reduce: bool = False
+    """Reduce each gradient bucket over DP as soon as backward has filled it, hiding the
+    communication behind the rest of backward (megatron DDP's ``overlap_grad_reduce``)."""
+    overlap_param_gather: bool = False
+    """Distributed optimizer: all-gather the updated parameter shards bucket by bucket during
+    the next forward instead of right after the step; needs overlap_grad_reduce=true and
+    optimizer.distributed=true (megatron's ``overlap_param_gather``)."""
+    tp_comm_overlap: bool = False
+    """Split the TP all-gather/reduce-scatter of each linear layer into chunks overlapped with
+    its GEMM (Transformer Engine userbuffers); needs sp=true, tp > 1, a GPU and
+    model.transformer_impl=transformer_engine. CPU ranks run without it."""
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -119,101 +115,16 @@ class ParallelConfig:
         if self.sp and self.tp == 1:
             out.append("parallel.sp=true needs parallel.tp > 1 (sequence parallelism splits "
                        "along the tensor-parallel group)")
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            out.append("parallel.overlap_param_gather=true needs parallel.overlap_grad_reduce="
+                       "true (megatron gathers parameters in the buckets the reduction fills)")
+        if self.tp_comm_overlap and not (self.sp and self.tp > 1):
+            out.append(f"parallel.tp_comm_overlap=true needs parallel.sp=true and parallel.tp > 1 "
+                       f"(got sp={str(self.sp).lower()}, tp={self.tp}): it overlaps the "
+                       "sequence-parallel all-gather/reduce-scatter with the GEMMs")
         if self.vpp > 1 and self.pp == 1:
             out.append(f"parallel.vpp={self.vpp} needs parallel.pp > 1 (virtual stages "
                        "interleave a real pipeline)")
-        return out
-
-
-@dataclass
-class ClusterConfig:
-    """Where the job runs: the local machine (default) or a Slurm cluster profile.
-
-    The Slurm fields are rendered into the sbatch script by launch/sbatch.py; every string
-    reaching it is shell-quoted, and those that become ``#SBATCH`` lines must be one line.
-    """
-
-    name: str = "local"
-    kind: str = "local"
-    nodes: int = 1
-    gpus_per_node: int = 2
-    """Ranks per node: GPUs on a GPU node, CPU processes on the local cluster."""
-    gpu: str = "H100"
-    """GPU model: its dense bf16 peak is the MFU denominator and the planner's compute rate."""
-    gpu_memory_gib: float = 80.0
-    """Memory per GPU; the planner budgets with it and the health check expects it."""
-    cpus_per_task: int = 1
-    debug: bool = False
-    """Local only: run a single rank in the foreground (submitit DebugExecutor); world size 1."""
-    timeout_min: int = 60
-    """Wall-clock limit (``--time``); the pre-timeout signal arrives before it."""
-    partition: str = ""
-    """Slurm partition (a PCS queue, a HyperPod instance group's partition); empty: the default."""
-    account: str = ""
-    """``--account`` to charge; empty: the user's default."""
-    qos: str = ""
-    """``--qos``; empty: the association's default."""
-    exclusive: bool = False
-    """Whole nodes (``--exclusive``): GPU training never shares a node."""
-    gpus_per_node_directive: bool = False
-    """Request GPUs with ``--gpus-per-node``. PCS registers GPUs as GRES, so it works there;
-    HyperPod registers them only with accounting on, so its profiles rely on ``--exclusive``."""
-    container_image: str = ""
-    """pyxis/enroot image for the ranks (``srun --container-image``), e.g. a squashfs on FSx;
-    empty: ranks run on the host with ``venv``'s (or the launching) Python."""
-    container_mounts: str = ""
-    """``srun --container-mounts`` (``src:dst[,src:dst]``), e.g. the shared filesystem."""
-    venv: str = ""
-    """Virtual environment on shared storage whose ``bin/python`` runs the ranks; empty: the
-    launching interpreter, or ``python`` inside ``container_image``."""
-    shared_dir: str = ""
-    """Filesystem every node mounts (FSx for Lustre): run folder, data and checkpoints must live
-    under it; empty: not checked."""
-    interconnect: str = "none"
-    """Network environment sourced on each node from ``slurm/env/<interconnect>.sh`` (efa: EFA
-    and NCCL settings); none: nothing."""
-    env: dict[str, str] = field(default_factory=dict)
-    """Extra environment for the ranks, written into the sbatch: never secrets (those come from
-    the submitter's environment, which Slurm propagates)."""
-    auto_resume: bool = False
-    """HyperPod only: ``srun --auto-resume=1`` re-runs the training step on a replaced node."""
-    requeue: bool = True
-    """``--requeue``: preemption or node failure puts the job back in the queue, and a rank
-    that saved on the pre-timeout signal asks for a requeue; the rerun resumes."""
-    signal: str = "USR1@120"
-    """``--signal``: SIGNAL@SECONDS before the time limit, the ranks save and exit to be requeued."""
-    healthcheck: bool = True
-    """Run slurm/healthcheck.sh on every node before training (a no-op without nvidia-smi)."""
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-    def problems(self) -> list[str]:
-        out = choice_problem("cluster.kind", self.kind, CLUSTER_KINDS)
-        out += choice_problem("cluster.interconnect", self.interconnect, INTERCONNECTS)
-        out += choice_problem("cluster.gpu", self.gpu, GPU_TYPES)
-        for name in ("nodes", "gpus_per_node", "cpus_per_task", "timeout_min"):
-            out += positive_problem(f"cluster.{name}", getattr(self, name))
-        out += positive_problem("cluster.gpu_memory_gib", self.gpu_memory_gib)
-        if self.debug and (self.kind != "local" or self.world_size != 1):
-            out.append("cluster.debug=true runs one rank in the foreground: it needs "
-                       "cluster.kind=local and cluster.gpus_per_node=1")
-        if self.kind == "local" and self.nodes != 1:
-            out.append(f"cluster.nodes={self.nodes} is not possible with cluster.kind=local; "
-                       "use 1, or a Slurm profile such as cluster=slurm")
-        for name in ("name", "partition", "account", "qos", "container_image",
-                     "container_mounts", "venv", "shared_dir"):
-            if any(ch in getattr(self, name) for ch in "\n\r\0"):
-                out.append(f"cluster.{name}={getattr(self, name)!r} must be a single line")
-        if not SIGNAL_SPEC.fullmatch(self.signal):
-            out.append(f"cluster.signal={self.signal!r} must be SIGNAL@SECONDS, e.g. USR1@120")
-        for key in self.env:
-            if not ENV_NAME.fullmatch(key):
-                out.append(f"cluster.env: {key!r} is not a valid environment variable name")
-            elif SECRET_NAME.search(key):
-                out.append(f"cluster.env.{key} looks like a secret; secrets are never written "
-                           "into the job script: export it where you run sbatch instead")
         return out
 
 
@@ -376,80 +287,6 @@ class DataConfig:
         if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
             out.append(f"data.split={self.split!r} must be three comma-separated numbers, "
                        "e.g. '98,1,1'")
-        return out
-
-
-@dataclass
-class WandbConfig:
-    mode: str = "disabled"
-    project: str = "slurm-llm"
-    entity: str = ""
-
-
-@dataclass
-class SlackConfig:
-    """Slack incoming-webhook alerts; the URL is read from $SLACK_WEBHOOK_URL on the node."""
-
-    enabled: bool = False
-    min_interval_s: float = 300.0
-    """At most one alert per event kind and rank within this window."""
-    timeout_s: float = 5.0
-    retries: int = 3
-
-
-@dataclass
-class LoggingConfig:
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    slack: SlackConfig = field(default_factory=SlackConfig)
-
-    def problems(self) -> list[str]:
-        out = choice_problem("logging.wandb.mode", self.wandb.mode, WANDB_MODES)
-        out += positive_problem("logging.slack.timeout_s", self.slack.timeout_s)
-        if self.slack.min_interval_s < 0:
-            out.append(f"logging.slack.min_interval_s={self.slack.min_interval_s} must be >= 0")
-        return out
-
-
-@dataclass
-class WatchdogConfig:
-    """Hang detection: no completed step within the timeout dumps stacks and exits non-zero."""
-
-    enabled: bool = True
-    timeout_s: Optional[float] = None
-    """None derives it: max(min_timeout_s, step_time_factor * the slowest step seen so far)."""
-    min_timeout_s: float = 300.0
-    step_time_factor: float = 10.0
-    first_step_timeout_s: float = 1800.0
-    """Budget for start-up and the first step (compilation, checkpoint load)."""
-
-
-@dataclass
-class StragglerConfig:
-    """Per-rank step timing gathered every ``report_interval`` steps."""
-
-    enabled: bool = True
-    report_interval: int = 50
-    threshold: float = 1.5
-    """A rank whose compute time exceeds threshold * the median rank's is reported."""
-
-
-@dataclass
-class ResilienceConfig:
-    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
-    straggler: StragglerConfig = field(default_factory=StragglerConfig)
-    collective_timeout_s: float = 600.0
-    """torch.distributed timeout: a dead peer becomes an error, not an eternal wait."""
-
-    def problems(self) -> list[str]:
-        out = positive_problem("resilience.watchdog.min_timeout_s", self.watchdog.min_timeout_s)
-        out += positive_problem("resilience.collective_timeout_s", self.collective_timeout_s)
-        out += positive_problem("resilience.straggler.report_interval",
-                                self.straggler.report_interval)
-        if self.straggler.threshold <= 1:
-            out.append(f"resilience.straggler.threshold={self.straggler.threshold} must be > 1 "
-                       "(a slowdown factor relative to the median rank)")
-        if self.watchdog.timeout_s is not None:
-            out += positive_problem("resilience.watchdog.timeout_s", self.watchdog.timeout_s)
         return out
 
 

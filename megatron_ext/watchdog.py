@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from launch.schema import RunConfig, WatchdogConfig
+from launch.schema import RunConfig
+from launch.watch_schema import WatchdogConfig
 
 
 EXIT_CODE_HANG = 75

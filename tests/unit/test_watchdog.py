@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch.schema import WatchdogConfig
+from launch.watch_schema import WatchdogConfig
 from megatron_ext.watchdog import EXIT_CODE_HANG, NullWatchdog, Watchdog, hang_timeout
 from tests.conftest import REPO, make_config
 
@@ -15,7 +15,7 @@ TIMEOUT_S = 0.5  # the derived timeout in the script: max(min_timeout_s, 5 x 20 
 RANK_SCRIPT = """
 import sys, time
 from pathlib import Path
-from launch.schema import WatchdogConfig
+from launch.watch_schema import WatchdogConfig
 from megatron_ext.watchdog import Watchdog
 
 mode, dump_dir = sys.argv[1], Path(sys.argv[2])

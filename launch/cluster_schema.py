@@ -1,0 +1,112 @@
+"""The ``cluster`` section of the run configuration: where the job runs and how Slurm gets it.
+
+Split from launch/schema.py (which re-exports ``ClusterConfig``) because it is the largest
+section; stdlib only, like the schema.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from launch.problems import choice_problem, positive_problem
+
+CLUSTER_KINDS = ("local", "slurm")
+INTERCONNECTS = ("none", "efa")
+SIGNAL_SPEC = re.compile(r"(USR1|USR2|TERM|INT|HUP|URG)@[0-9]{1,5}")
+"""Signals a rank can catch without side effects, and seconds before the time limit."""
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|WEBHOOK", re.IGNORECASE)
+GPU_TYPES = ("H100", "H200", "A100", "B200")
+"""GPU models the planner and the MFU metric know the peak of (tools/flops.py)."""
+
+
+@dataclass
+class ClusterConfig:
+    """Where the job runs: the local machine (default) or a Slurm cluster profile.
+
+    The Slurm fields are rendered into the sbatch script by launch/sbatch.py; every string
+    reaching it is shell-quoted, and those that become ``#SBATCH`` lines must be one line.
+    """
+
+    name: str = "local"
+    kind: str = "local"
+    nodes: int = 1
+    gpus_per_node: int = 2
+    """Ranks per node: GPUs on a GPU node, CPU processes on the local cluster."""
+    gpu: str = "H100"
+    """GPU model: its dense bf16 peak is the MFU denominator and the planner's compute rate."""
+    gpu_memory_gib: float = 80.0
+    """Memory per GPU; the planner budgets with it and the health check expects it."""
+    cpus_per_task: int = 1
+    debug: bool = False
+    """Local only: run a single rank in the foreground (submitit DebugExecutor); world size 1."""
+    timeout_min: int = 60
+    """Wall-clock limit (``--time``); the pre-timeout signal arrives before it."""
+    partition: str = ""
+    """Slurm partition (a PCS queue, a HyperPod instance group's partition); empty: the default."""
+    account: str = ""
+    """``--account`` to charge; empty: the user's default."""
+    qos: str = ""
+    """``--qos``; empty: the association's default."""
+    exclusive: bool = False
+    """Whole nodes (``--exclusive``): GPU training never shares a node."""
+    gpus_per_node_directive: bool = False
+    """Request GPUs with ``--gpus-per-node``. PCS registers GPUs as GRES, so it works there;
+    HyperPod registers them only with accounting on, so its profiles rely on ``--exclusive``."""
+    container_image: str = ""
+    """pyxis/enroot image for the ranks (``srun --container-image``), e.g. a squashfs on FSx;
+    empty: ranks run on the host with ``venv``'s (or the launching) Python."""
+    container_mounts: str = ""
+    """``srun --container-mounts`` (``src:dst[,src:dst]``), e.g. the shared filesystem."""
+    venv: str = ""
+    """Virtual environment on shared storage whose ``bin/python`` runs the ranks; empty: the
+    launching interpreter, or ``python`` inside ``container_image``."""
+    shared_dir: str = ""
+    """Filesystem every node mounts (FSx for Lustre): run folder, data and checkpoints must live
+    under it; empty: not checked."""
+    interconnect: str = "none"
+    """Network environment sourced on each node from ``slurm/env/<interconnect>.sh`` (efa: EFA
+    and NCCL settings); none: nothing."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for the ranks, written into the sbatch: never secrets (those come from
+    the submitter's environment, which Slurm propagates)."""
+    auto_resume: bool = False
+    """HyperPod only: ``srun --auto-resume=1`` re-runs the training step on a replaced node."""
+    requeue: bool = True
+    """``--requeue``: preemption or node failure puts the job back in the queue, and a rank
+    that saved on the pre-timeout signal asks for a requeue; the rerun resumes."""
+    signal: str = "USR1@120"
+    """``--signal``: SIGNAL@SECONDS before the time limit, the ranks save and exit to be requeued."""
+    healthcheck: bool = True
+    """Run slurm/healthcheck.sh on every node before training (a no-op without nvidia-smi)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def problems(self) -> list[str]:
+        out = choice_problem("cluster.kind", self.kind, CLUSTER_KINDS)
+        out += choice_problem("cluster.interconnect", self.interconnect, INTERCONNECTS)
+        out += choice_problem("cluster.gpu", self.gpu, GPU_TYPES)
+        for name in ("nodes", "gpus_per_node", "cpus_per_task", "timeout_min"):
+            out += positive_problem(f"cluster.{name}", getattr(self, name))
+        out += positive_problem("cluster.gpu_memory_gib", self.gpu_memory_gib)
+        if self.debug and (self.kind != "local" or self.world_size != 1):
+            out.append("cluster.debug=true runs one rank in the foreground: it needs "
+                       "cluster.kind=local and cluster.gpus_per_node=1")
+        if self.kind == "local" and self.nodes != 1:
+            out.append(f"cluster.nodes={self.nodes} is not possible with cluster.kind=local; "
+                       "use 1, or a Slurm profile such as cluster=slurm")
+        for name in ("name", "partition", "account", "qos", "container_image",
+                     "container_mounts", "venv", "shared_dir"):
+            if any(ch in getattr(self, name) for ch in "\n\r\0"):
+                out.append(f"cluster.{name}={getattr(self, name)!r} must be a single line")
+        if not SIGNAL_SPEC.fullmatch(self.signal):
+            out.append(f"cluster.signal={self.signal!r} must be SIGNAL@SECONDS, e.g. USR1@120")
+        for key in self.env:
+            if not ENV_NAME.fullmatch(key):
+                out.append(f"cluster.env: {key!r} is not a valid environment variable name")
+            elif SECRET_NAME.search(key):
+                out.append(f"cluster.env.{key} looks like a secret; secrets are never written "
+                           "into the job script: export it where you run sbatch instead")
+        return out

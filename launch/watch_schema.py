@@ -1,0 +1,84 @@
+"""The ``logging`` and ``resilience`` sections: what watches a run (W&B, Slack, the watchdog,
+the straggler detector). Split from launch/schema.py, which re-exports the two sections."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from launch.problems import choice_problem, positive_problem
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"
+    project: str = "slurm-llm"
+    entity: str = ""
+
+
+@dataclass
+class SlackConfig:
+    """Slack incoming-webhook alerts; the URL is read from $SLACK_WEBHOOK_URL on the node."""
+
+    enabled: bool = False
+    min_interval_s: float = 300.0
+    """At most one alert per event kind and rank within this window."""
+    timeout_s: float = 5.0
+    retries: int = 3
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    slack: SlackConfig = field(default_factory=SlackConfig)
+
+    def problems(self) -> list[str]:
+        out = choice_problem("logging.wandb.mode", self.wandb.mode, WANDB_MODES)
+        out += positive_problem("logging.slack.timeout_s", self.slack.timeout_s)
+        if self.slack.min_interval_s < 0:
+            out.append(f"logging.slack.min_interval_s={self.slack.min_interval_s} must be >= 0")
+        return out
+
+
+@dataclass
+class WatchdogConfig:
+    """Hang detection: no completed step within the timeout dumps stacks and exits non-zero."""
+
+    enabled: bool = True
+    timeout_s: Optional[float] = None
+    """None derives it: max(min_timeout_s, step_time_factor * the slowest step seen so far)."""
+    min_timeout_s: float = 300.0
+    step_time_factor: float = 10.0
+    first_step_timeout_s: float = 1800.0
+    """Budget for start-up and the first step (compilation, checkpoint load)."""
+
+
+@dataclass
+class StragglerConfig:
+    """Per-rank step timing gathered every ``report_interval`` steps."""
+
+    enabled: bool = True
+    report_interval: int = 50
+    threshold: float = 1.5
+    """A rank whose compute time exceeds threshold * the median rank's is reported."""
+
+
+@dataclass
+class ResilienceConfig:
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    straggler: StragglerConfig = field(default_factory=StragglerConfig)
+    collective_timeout_s: float = 600.0
+    """torch.distributed timeout: a dead peer becomes an error, not an eternal wait."""
+
+    def problems(self) -> list[str]:
+        out = positive_problem("resilience.watchdog.min_timeout_s", self.watchdog.min_timeout_s)
+        out += positive_problem("resilience.collective_timeout_s", self.collective_timeout_s)
+        out += positive_problem("resilience.straggler.report_interval",
+                                self.straggler.report_interval)
+        if self.straggler.threshold <= 1:
+            out.append(f"resilience.straggler.threshold={self.straggler.threshold} must be > 1 "
+                       "(a slowdown factor relative to the median rank)")
+        if self.watchdog.timeout_s is not None:
+            out += positive_problem("resilience.watchdog.timeout_s", self.watchdog.timeout_s)
+        return out
