@@ -1,4 +1,4 @@
-"""Time the planner's full search: llama3_70b on 256 GPUs (32 nodes x 8), every candidate.
+"""Time the planner's full search: llama3_70b on 256 H100s (32 p5 nodes), every candidate.
 
 The issue's bar: under 1 second on a 2-core machine. Run from the repository root:
     .venv/bin/python benchmarks/planner_search.py [--repeats N] [extra overrides]
@@ -17,8 +17,7 @@ from pathlib import Path
 from launch.config import compose, to_run_config
 from tools.planner import search
 
-OVERRIDES = ["model=llama3_70b", "train=pretrain", "cluster.kind=slurm", "cluster.nodes=32",
-             "cluster.gpus_per_node=8"]
+OVERRIDES = ["model=llama3_70b", "train=pretrain", "cluster=hyperpod_p5", "cluster.nodes=32"]
 RESULT = Path(__file__).resolve().parent / "results" / "planner_search.json"
 LIMIT_S = 1.0
 
@@ -40,7 +39,8 @@ def main() -> None:
     for i, s in enumerate(seconds, 1):
         print(f"{i:>6} {s:>9.4f}")
     summary = {
-        "overrides": overrides, "candidates": len(ranked), "fitting": len(fitting),
+        "overrides": overrides, "gpu": cfg.cluster.gpu, "candidates": len(ranked),
+        "fitting": len(fitting),
         "best": fitting[0].describe() if fitting else None,
         "seconds": seconds, "median_s": statistics.median(seconds), "max_s": max(seconds),
         "limit_s": LIMIT_S, "cpus": os.cpu_count(), "python": platform.python_version(),

@@ -12,8 +12,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hydra.errors import HydraException
 
-from launch.config import (CONF_DIR, compose, one_line_error, register_schema, to_run_config,
-                           validate)
+from launch.config import (CONF_DIR, compose, explicit_keys, one_line_error, register_schema,
+                           to_run_config, validate)
 from launch.prepare import (absolutize, choose_layout, for_sweep_point, prepare_data,
                             write_run_dir)
 from launch.schema import RunConfig
@@ -51,7 +51,7 @@ def main(raw: DictConfig) -> None:
     if hydra_cfg.mode == RunMode.MULTIRUN:  # sweep points must not resume each other's checkpoints
         cfg = for_sweep_point(cfg, hydra_cfg.job.override_dirname or str(hydra_cfg.job.num),
                               sweep=f"{cfg.name}-{Path(hydra_cfg.sweep.dir).name}")
-    cfg, layout, note = choose_layout(cfg)
+    cfg, layout, note = choose_layout(cfg, explicit_keys(hydra_cfg.overrides.task))
     problems = validate(cfg, layout)
     if problems:
         for problem in problems:

@@ -6,11 +6,12 @@ value and what would be valid: a user fixes a bad sweep in one edit, not ten rer
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
@@ -48,6 +49,14 @@ def compose(overrides: list[str] = (), run_dir: str = "unused") -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose("config", overrides=[*overrides, f"run_dir={run_dir}"])
     return cfg
+
+
+def explicit_keys(overrides: Sequence[str]) -> frozenset[str]:
+    """The keys the command line sets (``train.micro_batch_size=2`` gives
+    ``train.micro_batch_size``; a group choice such as ``train=pretrain`` gives ``train``), so the
+    planner keeps what the user chose. ``python -m launch`` passes Hydra's task overrides."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return frozenset(o.key_or_group for o in parsed if not o.is_delete())
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Collection
 
 from launch.config import derive_layout, to_yaml, validate
 from launch.schema import DataSource, Layout, RunConfig
@@ -32,13 +33,17 @@ def for_sweep_point(cfg: RunConfig, point: str, sweep: str) -> RunConfig:
     return dataclasses.replace(cfg, checkpoint=checkpoint, sweep=sweep)
 
 
-def choose_layout(cfg: RunConfig) -> tuple[RunConfig, Layout, str]:
+def choose_layout(cfg: RunConfig, explicit: Collection[str] = frozenset()
+                  ) -> tuple[RunConfig, Layout, str]:
     """The explicit layout, or for ``parallel=auto`` the planner's best, written into the config.
 
-    The config the ranks read always holds an explicit layout, so they never plan. GPU clusters
-    also get the memory check: an explicit layout predicted not to fit is refused.
+    ``explicit`` are the keys the command line set (``launch.config.explicit_keys``): the
+    planner keeps those it would otherwise choose (``parallel.tp``, ``train.micro_batch_size``,
+    ``train.recompute``...). The config the ranks read always holds an explicit layout, so they
+    never plan. GPU clusters also get the memory check: an explicit layout predicted not to fit
+    is refused.
     """
-    from tools.planner import configure, explain_no_fit, plan
+    from tools.planner import configure, describe_pinned, explain_no_fit, pinned, plan
 
     if not cfg.parallel.auto:
         layout = derive_layout(cfg)
@@ -47,14 +52,16 @@ def choose_layout(cfg: RunConfig) -> tuple[RunConfig, Layout, str]:
             if refusal:
                 raise SystemExit(f"error: {refusal}")
         return cfg, layout, ""
-    ranked = plan(cfg)
+    pins = pinned(cfg, explicit)
+    ranked = plan(cfg, pins)
     if not ranked:
-        raise SystemExit(f"error: parallel=auto: no layout of {cfg.model.name} fits "
-                         f"{cfg.cluster.world_size} GPUs of {cfg.cluster.gpu_memory_gib} GiB; "
-                         "add nodes or raise train.recompute")
+        raise SystemExit(f"error: parallel=auto: no layout of {cfg.model.name}"
+                         f"{describe_pinned(pins)} fits {cfg.cluster.world_size} "
+                         f"{cfg.cluster.gpu} GPUs of {cfg.cluster.gpu_memory_gib:g} GiB; add nodes"
+                         f"{' or drop a given setting' if pins else ''}")
     best = ranked[0]
     cfg = configure(cfg, best)
-    return cfg, best.layout, (f" (parallel=auto: predicted {best.peak_gib:.1f} GiB/GPU, "
+    return cfg, best.layout, (f" (parallel=auto: predicted {best.required_gib:.1f} GiB/GPU, "
                               f"{best.step_time_s:.2f} s/step, micro-batch "
                               f"{cfg.train.micro_batch_size}, recompute {cfg.train.recompute})")
 

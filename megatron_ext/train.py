@@ -94,7 +94,9 @@ def _start_fields(cfg: RunConfig, layout: Layout, env: RunEnv, use_gpu: bool) ->
     fields = {"model": cfg.model.name, "layout": layout.describe(),
               "ranks": f"{env.world_size} on {cfg.cluster.name}"}
     if use_gpu:  # the prediction is for GPU memory
-        fields["predicted memory"] = (f"{predict(cfg, layout).peak_gib:.1f} GiB per GPU "
+        memory = predict(cfg, layout)
+        fields["predicted memory"] = (f"{memory.peak_gib:.1f} GiB allocated, "
+                                      f"{memory.required_gib:.1f} GiB needed per GPU "
                                       f"of {cfg.cluster.gpu_memory_gib:g}")
     return fields
 

@@ -3,20 +3,22 @@
 Pure Python, no torch. A candidate is a ``Layout`` x micro-batch size x recomputation mode;
 the rules are those of ``launch.config.validate`` (a unit test checks every planned layout
 against it), applied here without building a config per candidate so a 70B search on 256 GPUs
-takes milliseconds.
+takes milliseconds. Settings the user gave explicitly are ``pinned``: the search keeps them.
 
 Step-time model (one optimizer step, seconds), per rank:
-  compute  = FLOPs / (world * peak * ACHIEVED_FRACTION), FLOPs = ``flops_per_token`` * tokens,
+  compute  = FLOPs / (world * peak * achieved fraction), FLOPs = ``flops_per_token`` * tokens,
              plus recomputation: full repeats the layers' forward (+1/3 of their FLOPs),
              selective repeats the attention scores (+4 L h s per token);
   per micro-batch  t_mb = compute / m + kernel launches of L/p layers + TP, CP and PP
                    communication of one micro-batch;
   pipeline = t_mb * (m + (p - 1) / v)   (bubble fraction (p-1) / (m v + p - 1));
-  step     = pipeline + DP gradient reduce-scatter and parameter all-gather (not overlapped:
-             megatron_ext sets overlap_grad_reduce=False).
+  step     = pipeline + DP gradient reduce-scatter and parameter all-gather, counted in full
+             (parallel.overlap_grad_reduce / overlap_param_gather hide part of it; not
+             modelled, so an upper bound for them).
 Communication time = bytes each GPU sends / bandwidth of the link the group spans: NVLink
-inside a node, EFA across nodes. Megatron orders ranks tp, cp, dp, pp (tp fastest), so a group
-stays inside a node when the product of its own and the faster sizes fits in one node.
+inside a node, the node's network across nodes (``Hardware.for_cluster``). Megatron orders
+ranks tp, cp, dp, pp (tp fastest), so a group stays inside a node when the product of its own
+and the faster sizes fits in one node.
 """
 from __future__ import annotations
 
@@ -24,39 +26,67 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from types import MappingProxyType
+from typing import Any, Collection, Iterator, Mapping, Optional
 
-from launch.schema import RECOMPUTE, Layout, RunConfig
+from launch.schema import RECOMPUTE, ClusterConfig, Layout, RunConfig
 from tools.flops import GPU_PEAK_BF16_TFLOPS, flops_per_token, kv_channels
 from tools.memory import predict, predict_all, stage_params
 
 MICRO_BATCH_SIZES = (1, 2, 4, 8)
+SEARCHED = ("parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp", "parallel.dp",
+            "parallel.sp", "train.micro_batch_size", "train.recompute")
+"""What the planner chooses, unless the command line gives it (``pinned``)."""
+NOTHING_PINNED: Mapping[str, Any] = MappingProxyType({})
+
+
+NVLINK_BUS_GB_S = {"A100": 240.0, "H100": 360.0, "H200": 360.0, "B200": 720.0}
+"""NCCL bus bandwidth per GPU inside a node, GB/s: 80% of the NVLink's one-way rate, which
+nccl-tests' all-gather/reduce-scatter reach on NVSwitch nodes. NVIDIA data sheets: A100 SXM
+NVLink 3, 600 GB/s both ways (300 one way; nccl-tests measure 230-250 GB/s busbw on 8 x A100);
+H100 and H200 SXM NVLink 4, 900 GB/s (450); B200 NVLink 5, 1.8 TB/s (900)."""
+NODE_NETWORK_GBIT_S = {
+    ("efa", "A100"): 400, ("efa", "H100"): 3200, ("efa", "H200"): 3200, ("efa", "B200"): 3200,
+    ("none", "A100"): 1600, ("none", "H100"): 3200, ("none", "H200"): 3200, ("none", "B200"): 3200,
+}
+"""Inter-node bandwidth of one node, Gb/s, by ``cluster.interconnect`` and ``cluster.gpu``.
+efa: the AWS instance with 8 of those GPUs (AWS's instance-type pages): p4d.24xlarge 400 Gb/s
+(4 EFA), p5.48xlarge 3,200 (32 EFA), p5e/p5en.48xlarge 3,200, p6-b200.48xlarge 3,200 (EFAv4).
+none (any Slurm site): NVIDIA's DGX reference fabric, one InfiniBand port per GPU: HDR 200 Gb/s
+on DGX A100, NDR 400 Gb/s on DGX H100/H200/B200."""
 
 
 @dataclass(frozen=True)
 class Hardware:
     """What the step-time model needs to know about the GPUs and their links."""
 
-    gpu: str = "H100"
+    gpu: str
+    nvlink_gb_s: float
+    """NCCL bus bandwidth per GPU inside a node (``NVLINK_BUS_GB_S``)."""
+    internode_gb_s: float
+    """Per GPU across nodes: the node's network shared by its GPUs (p5: 3,200 Gb/s / 8 = 50 GB/s,
+    p4d: 400 Gb/s / 8 = 6.25 GB/s)."""
     achieved_fraction: float = 0.45
     """Share of peak the matrix math reaches: 430-490 of 989 TFLOP/s measured for a 1.5B Llama
-    with the TE spec on one H100 (ARCHITECTURE.md); communication and bubble are modelled apart."""
-    nvlink_gb_s: float = 360.0
-    """NCCL bus bandwidth per GPU inside an H100 node (NVLink 4, measured all-gather busbw)."""
-    internode_gb_s: float = 50.0
-    """Per GPU across nodes: p5's 3,200 Gb/s EFA shared by 8 GPUs (400 GB/s / 8)."""
+    with the TE spec on one H100 (ARCHITECTURE.md); assumed for every GPU type until measured.
+    Communication and bubble are modelled apart."""
     latency_s: float = 20e-6
     """Fixed cost of one NCCL collective or p2p transfer (small-message latency)."""
     layer_overhead_s: float = 100e-6
     """Kernel launches of one layer's forward and backward for one micro-batch (~40 kernels
     of a few microseconds); what makes tiny micro-batches and deep pipelines cost something."""
 
+    @classmethod
+    def for_cluster(cls, cluster: ClusterConfig) -> "Hardware":
+        """The one place GPU type and interconnect become rates (``cluster.gpu``,
+        ``cluster.interconnect``, ``cluster.gpus_per_node``)."""
+        network = NODE_NETWORK_GBIT_S[(cluster.interconnect, cluster.gpu)]
+        return cls(gpu=cluster.gpu, nvlink_gb_s=NVLINK_BUS_GB_S[cluster.gpu],
+                   internode_gb_s=network / 8 / cluster.gpus_per_node)
+
     @property
     def peak_flops(self) -> float:
         return GPU_PEAK_BF16_TFLOPS[self.gpu] * 1e12
-
-
-H100_P5 = Hardware()
 
 
 @dataclass(frozen=True)
@@ -72,6 +102,9 @@ class PlannedLayout:
     micro_batch_size: int
     recompute: str
     peak_gib: float
+    """Predicted peak allocated memory (``MemoryBreakdown.peak_gib``)."""
+    required_gib: float
+    """All the device memory it needs (``MemoryBreakdown.required_gib``); ``fits`` judges this."""
     step_time_s: float
     tokens_per_s_per_gpu: float
     fits: bool
@@ -89,29 +122,67 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidate_layouts(cfg: RunConfig) -> Iterator[Layout]:
-    """Every layout ``launch.config.validate`` accepts for this model and cluster.
+def pinned(cfg: RunConfig, explicit: Collection[str]) -> dict[str, Any]:
+    """The ``SEARCHED`` settings among ``explicit`` (dotted keys given on the command line, see
+    ``launch.config.explicit_keys``), by short name, with their values from ``cfg``."""
+    out = {}
+    for key in SEARCHED:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if key in explicit and value is not None:
+            out[name] = value
+    return out
+
+
+def describe_pinned(pins: Mapping[str, Any]) -> str:
+    """`` with parallel.tp=8 ...`` for messages; empty when nothing is pinned."""
+    given = [f"{key}={pins[key.split('.')[1]]}" for key in SEARCHED if key.split(".")[1] in pins]
+    return f" with {' '.join(given)} as given" if given else ""
+
+
+def candidate_layouts(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) -> Iterator[Layout]:
+    """Every layout ``launch.config.validate`` accepts for this model and cluster, and that
+    keeps the ``pins``.
 
     TP within a node and dividing heads and query groups; PP * VPP dividing the layers; CP with
-    the sequence divisible by 2 CP; DP = world / (TP PP CP); SP on whenever TP > 1 and the
-    Transformer Engine spec is used (it only saves memory). Batch rules are per micro-batch.
+    the sequence divisible by 2 CP; DP = world / (TP PP CP); SP, unless pinned, on whenever
+    TP > 1 and the Transformer Engine spec is used (it only saves memory). Batch rules are per
+    micro-batch.
     """
     m, world, s = cfg.model, cfg.cluster.world_size, cfg.train.seq_length
+
+    def kept(name: str, value: int) -> bool:
+        return pins.get(name, value) == value
+
     for tp in _divisors(min(cfg.cluster.gpus_per_node, world)):
-        if world % tp or m.num_attention_heads % tp or m.num_query_groups % tp:
+        if (world % tp or m.num_attention_heads % tp or m.num_query_groups % tp
+                or not kept("tp", tp)):
             continue
-        sp = tp > 1 and m.transformer_impl == "transformer_engine"
-        if sp and s % tp:
+        sp = pins.get("sp", tp > 1 and m.transformer_impl == "transformer_engine")
+        if sp and (tp == 1 or m.transformer_impl == "local" or s % tp):
             continue
         for pp in _divisors(world // tp):
-            if m.num_layers % pp:
+            if m.num_layers % pp or not kept("pp", pp):
                 continue
             for cp in _divisors(world // (tp * pp)):
-                if cp > 1 and s % (2 * cp):
-                    continue
                 dp = world // (tp * pp * cp)
+                if (cp > 1 and s % (2 * cp)) or not kept("cp", cp) or not kept("dp", dp):
+                    continue
                 for vpp in _divisors(m.num_layers // pp) if pp > 1 else [1]:
-                    yield Layout(tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp, sp=sp)
+                    if kept("vpp", vpp):
+                        yield Layout(tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp, sp=sp)
+
+
+def settings(cfg: RunConfig, layout: Layout,
+             pins: Mapping[str, Any] = NOTHING_PINNED) -> list[tuple[int, str]]:
+    """The (micro_batch_size, recompute) pairs to try on ``layout``: the pinned values, or every
+    size the global batch splits into and every mode. Full recomputation needs its groups of
+    ``train.recompute_num_layers`` to tile each model chunk (megatron's uniform method)."""
+    sizes = [pins["micro_batch_size"]] if "micro_batch_size" in pins else MICRO_BATCH_SIZES
+    modes = [pins["recompute"]] if "recompute" in pins else RECOMPUTE
+    chunk = cfg.model.num_layers // (layout.pp * layout.vpp)
+    return [(b, r) for b in sizes if micro_batches(cfg, layout, b) is not None for r in modes
+            if r != "full" or chunk % cfg.train.recompute_num_layers == 0]
 
 
 def micro_batches(cfg: RunConfig, layout: Layout, micro_batch_size: int) -> Optional[int]:
@@ -180,12 +251,12 @@ def _dp_comm_s(cfg: RunConfig, layout: Layout, hw: Hardware) -> float:
     return 2 * hw.latency_s + (n - 1) / n * params * per_param / _bandwidth(hw, cfg, layout.tp * n)
 
 
-def step_time(cfg: RunConfig, layout: Layout, micro_batch_size: int, recompute: str,
-              hw: Hardware = H100_P5) -> float:
+def step_time(cfg: RunConfig, layout: Layout, micro_batch_size: int, recompute: str) -> float:
     """Seconds per optimizer step (module docstring); the global batch must split evenly."""
     if micro_batches(cfg, layout, micro_batch_size) is None:
         raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} does not split "
                          f"into micro-batches of {micro_batch_size} over dp={layout.dp}")
+    hw = Hardware.for_cluster(cfg.cluster)
     return _step_s(cfg, layout, micro_batch_size, recompute, hw, _compute_s(cfg, recompute, hw),
                    _dp_comm_s(cfg, layout, hw))
 
@@ -198,34 +269,36 @@ def _step_s(cfg: RunConfig, layout: Layout, b: int, recompute: str, hw: Hardware
     return t_mb * (m + (layout.pp - 1) / layout.vpp) + dp_s
 
 
-def _evaluate(cfg: RunConfig, layout: Layout, hw: Hardware,
-              compute_s: dict[str, float]) -> list[PlannedLayout]:
-    """Every micro-batch size x recompute mode of one layout."""
-    settings = [(b, r) for b in MICRO_BATCH_SIZES if micro_batches(cfg, layout, b) is not None
-                for r in RECOMPUTE]
-    memory = predict_all(cfg, layout, settings)
+def _evaluate(cfg: RunConfig, layout: Layout, hw: Hardware, compute_s: dict[str, float],
+              pins: Mapping[str, Any]) -> list[PlannedLayout]:
+    """Every micro-batch size x recompute mode of one layout (``settings``)."""
+    tried = settings(cfg, layout, pins)
+    memory = predict_all(cfg, layout, tried)
     dp_s = _dp_comm_s(cfg, layout, hw)
     tokens_per_gpu = cfg.train.global_batch_size * cfg.train.seq_length / cfg.cluster.world_size
     out = []
-    for (b, recompute), mem in zip(settings, memory):
+    for (b, recompute), mem in zip(tried, memory):
         seconds = _step_s(cfg, layout, b, recompute, hw, compute_s[recompute], dp_s)
         out.append(PlannedLayout(
             tp=layout.tp, pp=layout.pp, vpp=layout.vpp, cp=layout.cp, dp=layout.dp,
             sp=layout.sp, micro_batch_size=b, recompute=recompute, peak_gib=mem.peak_gib,
-            step_time_s=seconds, tokens_per_s_per_gpu=tokens_per_gpu / seconds, fits=mem.fits))
+            required_gib=mem.required_gib, step_time_s=seconds, tokens_per_s_per_gpu=tokens_per_gpu / seconds, fits=mem.fits))
     return out
 
 
-def search(cfg: RunConfig, hw: Hardware = H100_P5) -> list[PlannedLayout]:
-    """Every valid candidate, fitting ones first, each group by step time then memory."""
+def search(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) -> list[PlannedLayout]:
+    """Every valid candidate keeping ``pins`` on ``cfg.cluster``'s hardware, fitting ones first,
+    each group by step time then memory."""
+    hw = Hardware.for_cluster(cfg.cluster)
     compute_s = {r: _compute_s(cfg, r, hw) for r in RECOMPUTE}
-    out = [c for layout in candidate_layouts(cfg) for c in _evaluate(cfg, layout, hw, compute_s)]
-    return sorted(out, key=lambda c: (not c.fits, c.step_time_s, c.peak_gib))
+    out = [c for layout in candidate_layouts(cfg, pins)
+           for c in _evaluate(cfg, layout, hw, compute_s, pins)]
+    return sorted(out, key=lambda c: (not c.fits, c.step_time_s, c.required_gib))
 
 
-def plan(cfg: RunConfig, hw: Hardware = H100_P5) -> list[PlannedLayout]:
+def plan(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) -> list[PlannedLayout]:
     """The candidates that fit in memory, best (fastest) first; empty when nothing fits."""
-    return [c for c in search(cfg, hw) if c.fits]
+    return [c for c in search(cfg, pins) if c.fits]
 
 
 def configure(cfg: RunConfig, chosen: PlannedLayout) -> RunConfig:
@@ -238,22 +311,22 @@ def configure(cfg: RunConfig, chosen: PlannedLayout) -> RunConfig:
     return dataclasses.replace(cfg, parallel=parallel, train=train)
 
 
-def explain_no_fit(cfg: RunConfig, layout: Layout, hw: Hardware = H100_P5) -> Optional[str]:
+def explain_no_fit(cfg: RunConfig, layout: Layout) -> Optional[str]:
     """None when ``layout`` (with cfg.train's micro-batch and recompute) fits; otherwise one
     message with its predicted memory and the best layout that does fit, for launch to print."""
     memory = predict(cfg, layout)
     if memory.fits:
         return None
     head = (f"{layout.describe()} micro_batch_size={cfg.train.micro_batch_size} "
-            f"recompute={cfg.train.recompute} needs {memory.peak_gib:.1f} GiB per GPU on its "
+            f"recompute={cfg.train.recompute} needs {memory.required_gib:.1f} GiB per GPU on its "
             f"{memory.stage} pipeline stage, over the {memory.limit_gib:.1f} GiB limit "
             f"(cluster.gpu_memory_gib={cfg.cluster.gpu_memory_gib:g} less a "
-            f"{memory.limit_gib / cfg.cluster.gpu_memory_gib:.0%} margin)")
-    fitting = plan(cfg, hw)
+            f"{1 - memory.limit_gib / cfg.cluster.gpu_memory_gib:.0%} margin)")
+    fitting = plan(cfg)
     if not fitting:
         return head + "; no layout fits on this many GPUs: add nodes or shorten train.seq_length"
     best = fitting[0]
-    return (head + f"; best that fits: {best.describe()} at {best.peak_gib:.1f} GiB, "
+    return (head + f"; best that fits: {best.describe()} at {best.required_gib:.1f} GiB, "
             f"{best.step_time_s:.2f} s/step (or use parallel=auto)")
 
 
@@ -262,15 +335,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     from tools.report import load_config, planner_table, progress_after  # CLI only
 
     args = sys.argv[1:] if argv is None else argv
-    cfg, as_json = load_config(args, auto_ok=True)
+    cfg, as_json, explicit = load_config(args, auto_ok=True)
+    pins = pinned(cfg, explicit)
     with progress_after(1.0, f"searching layouts for {cfg.cluster.world_size} GPUs..."):
-        ranked = search(cfg)
+        ranked = search(cfg, pins)
     fitting = [c for c in ranked if c.fits]
     if as_json:
         best = dataclasses.asdict(fitting[0]) if fitting else None
         print(json.dumps({"layouts": [dataclasses.asdict(c) for c in fitting], "best": best}))
     else:
-        print(planner_table(cfg, ranked))
+        print(planner_table(cfg, ranked, pins))
     if not fitting:
         sys.exit(1)
 

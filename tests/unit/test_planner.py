@@ -12,14 +12,17 @@ import pytest
 
 from launch.config import validate
 from launch.schema import Layout
-from tests.conftest import REPO, make_config
+from launch.config import explicit_keys
+from tests.conftest import REPO, make_config, run_launch
 from tools.memory import predict
 from tools.planner import (
+    Hardware,
     PlannedLayout,
     candidate_layouts,
     configure,
     explain_no_fit,
     micro_batches,
+    pinned,
     plan,
     search,
     step_time,
@@ -43,7 +46,7 @@ def test_every_planned_layout_passes_launch_validation(cfg_70b, planned_70b) -> 
     assert planned_70b
     for c in planned_70b:
         assert c.tp * c.pp * c.cp * c.dp == 256
-        assert c.fits and c.peak_gib <= 0.95 * 80
+        assert c.fits and c.peak_gib < c.required_gib <= 0.95 * 80
         chosen = configure(cfg_70b, c)
         assert validate(chosen, c.layout) == [], c
 
@@ -105,9 +108,67 @@ def test_step_time_model_penalises_recompute_and_bubbles(cfg_70b) -> None:
 def test_explain_no_fit_names_the_memory_and_the_best_alternative(cfg_70b, planned_70b) -> None:
     too_big = Layout(tp=1, pp=1, cp=1, dp=256)
     message = explain_no_fit(cfg_70b, too_big)
-    assert f"{predict(cfg_70b, too_big).peak_gib:.1f} GiB" in message
+    assert f"{predict(cfg_70b, too_big).required_gib:.1f} GiB" in message
     assert planned_70b[0].describe() in message
     assert explain_no_fit(configure(cfg_70b, planned_70b[0]), planned_70b[0].layout) is None
+
+
+def test_hardware_comes_from_the_cluster_profile() -> None:
+    """p5: 8 H100 and 3,200 Gb/s EFA (50 GB/s per GPU); p4d: 8 A100 and 400 Gb/s (6.25)."""
+    p5 = Hardware.for_cluster(make_config("cluster=hyperpod_p5").cluster)
+    p4d = Hardware.for_cluster(make_config("cluster=pcs_p4d").cluster)
+    assert (p5.gpu, p5.internode_gb_s, p5.nvlink_gb_s, p5.peak_flops) == ("H100", 50, 360, 989e12)
+    assert (p4d.gpu, p4d.internode_gb_s, p4d.nvlink_gb_s, p4d.peak_flops) == \
+        ("A100", 6.25, 240, 312e12)
+
+
+def test_a100_40gb_is_slower_and_fits_fewer_layouts_than_h100_80gb() -> None:
+    model = ("model=llama3_8b", "train=pretrain", "cluster.nodes=4")
+    h100 = make_config("cluster=hyperpod_p5", *model)
+    a100 = make_config("cluster=hyperpod_p4d", *model)
+    h100_ranked, a100_ranked = search(h100), search(a100)
+    assert len(h100_ranked) == len(a100_ranked)  # the same candidates, judged differently
+    assert 0 < sum(c.fits for c in a100_ranked) < sum(c.fits for c in h100_ranked)
+    for c in a100_ranked[:10]:  # math at 312 vs 989 TFLOP/s dominates; links are slower too
+        ratio = step_time(a100, c.layout, c.micro_batch_size, c.recompute) / \
+            step_time(h100, c.layout, c.micro_batch_size, c.recompute)
+        assert ratio > 2.5
+    assert plan(a100)[0].step_time_s > 3 * plan(h100)[0].step_time_s
+
+
+def test_explicit_settings_are_pinned() -> None:
+    cfg = make_config("model=llama3_8b", *SLURM, "cluster.nodes=2", "parallel.tp=4",
+                      "train.micro_batch_size=2", "train.recompute=full", "train.lr=1e-4")
+    pins = pinned(cfg, explicit_keys(["parallel.tp=4", "train.micro_batch_size=2",
+                                      "train.recompute=full", "train.lr=1e-4", "train=pretrain"]))
+    assert pins == {"tp": 4, "micro_batch_size": 2, "recompute": "full"}
+    ranked = search(cfg, pins)
+    assert ranked and {(c.tp, c.micro_batch_size, c.recompute) for c in ranked} == {(4, 2, "full")}
+    assert len(ranked) < len(search(cfg)) / 10
+    unpinned_sp = search(cfg, {"tp": 4, "sp": False})
+    assert unpinned_sp and not any(c.sp for c in unpinned_sp)
+
+
+def test_full_recompute_only_where_its_groups_tile_the_stage() -> None:
+    """megatron's uniform method indexes past the last layer otherwise."""
+    cfg = make_config("model=llama3_8b", *SLURM, "cluster.nodes=2", "train.recompute_num_layers=4")
+    full = [c for c in search(cfg) if c.recompute == "full"]
+    assert full and all((32 // (c.pp * c.vpp)) % 4 == 0 for c in full)
+
+
+def test_launch_auto_keeps_the_command_line_settings(tmp_path) -> None:
+    result = run_launch("cluster=hyperpod_p5", "cluster.nodes=4", "train.micro_batch_size=2",
+                        "train.recompute=full", "parallel.tp=4", "launch.dry_run=true",
+                        cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("layout: TP=4 ") and "micro-batch 2, recompute full" in first
+    assert "  micro_batch_size: 2\n" in result.stdout and "  recompute: full\n" in result.stdout
+    refused = run_launch("cluster=hyperpod_p4d", "model=llama3_70b", "train.recompute=none",
+                         "train.micro_batch_size=8", "launch.dry_run=true", cwd=tmp_path,
+                         timeout=120)
+    assert refused.returncode != 0
+    assert "with train.micro_batch_size=8 train.recompute=none as given" in refused.stderr
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -124,6 +185,15 @@ def test_json_cli_prints_the_ranked_layouts_and_the_best() -> None:
     assert out["layouts"] and all(keys <= set(c) for c in out["layouts"])
     assert out["best"] == out["layouts"][0]
     assert PlannedLayout(**out["best"]).fits
+
+
+def test_json_cli_keeps_the_given_micro_batch_size() -> None:
+    run = _cli("--json", "model=llama3_8b", *SLURM, "cluster.nodes=2",
+               "train.micro_batch_size=2")
+    assert run.returncode == 0, run.stderr
+    layouts = json.loads(run.stdout)["layouts"]
+    assert layouts and {c["micro_batch_size"] for c in layouts} == {2}
+    assert len({c["recompute"] for c in layouts}) > 1  # what was not given is still searched
 
 
 def test_table_cli_shows_the_choice_and_refuses_bad_overrides() -> None:
