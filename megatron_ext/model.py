@@ -15,6 +15,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from launch.schema import Layout, ModelConfig, TrainConfig
@@ -50,6 +51,9 @@ def transformer_config(model: ModelConfig, train: TrainConfig, layout: Layout,
         fp8="hybrid" if train.precision == "fp8" else None,
         use_cpu_initialization=not use_gpu, perform_initialization=True,
         calculate_per_token_loss=True,
+        # Transformer Engine picks its kernel by this; the local spec has only its own.
+        attention_backend=(AttnBackend[model.attention_backend] if uses_transformer_engine(
+            model, use_gpu) else AttnBackend.local),
         # Batched isend/irecv over gloo mixes up the interleaved schedule's tensors (measured:
         # VPP=2 diverged from PP=2 at step 1); NCCL batches correctly and faster.
         batch_p2p_comm=use_gpu, **recompute)
@@ -59,9 +63,13 @@ def _transformer_engine_installed() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def uses_transformer_engine(model: ModelConfig, use_gpu: bool) -> bool:
+    return use_gpu and model.transformer_impl == "transformer_engine"
+
+
 def layer_spec(model: ModelConfig, use_gpu: bool) -> ModuleSpec:
     """Transformer Engine's fused spec on GPU; the local (plain torch) spec on CPU."""
-    if use_gpu and model.transformer_impl == "transformer_engine":
+    if uses_transformer_engine(model, use_gpu):
         if not _transformer_engine_installed():
             raise RuntimeError("model.transformer_impl=transformer_engine but Transformer Engine "
                                "is not installed on this GPU node: pip install -e '.[gpu]', or "
