@@ -145,8 +145,12 @@ def cpu_mode() -> Iterator[None]:
         "synchronize": lambda device=None: None,  # CPU ops are synchronous
     }
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.tensor_parallel import random as megatron_random
 
-    patches = [(torch.cuda, replacements),
+    # Activation recomputation saves and restores the "CUDA" generator around the rerun.
+    rng = {"_get_cuda_rng_state": lambda *args, **kwargs: torch.get_rng_state(),
+           "_set_cuda_rng_state": lambda state, *args, **kwargs: torch.set_rng_state(state)}
+    patches = [(torch.cuda, replacements), (megatron_random, rng),
                (DistributedOptimizer, _torch_adam_checkpoint_patches())]
     saved = [(owner, {name: getattr(owner, name) for name in names}) for owner, names in patches]
     for owner, stand_ins in patches:

@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     env = RunEnv.from_env()
     _setup_logging(env.rank)
     use_gpu = torch.cuda.is_available()
+    if not use_gpu and cfg.train.recompute != "none":
+        log.error("train.recompute=%s needs GPU ranks: megatron-core's recomputation creates "
+                  "CUDA tensors in backward; use train.recompute=none on CPU", cfg.train.recompute)
+        return 2
     if not use_gpu:
         torch.set_num_threads(cfg.cluster.cpus_per_task)  # ranks share the cores; don't oversubscribe
     alerts = Alerts.from_config(cfg, rank=env.rank)

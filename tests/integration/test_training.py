@@ -45,3 +45,11 @@ def test_a_failing_rank_fails_the_launch(workdir: Path) -> None:
                         timeout=300)
     assert result.returncode != 0
     assert "failed" in result.stderr
+
+
+def test_recomputation_on_cpu_ranks_is_refused_up_front(workdir: Path) -> None:
+    """megatron-core's recomputation builds CUDA tensors in backward; say so before training."""
+    result = run_launch("name=recompute-cpu", "train.recompute=full", "train.steps=2",
+                        "train.warmup_steps=1", cwd=workdir)
+    assert result.returncode != 0
+    assert "train.recompute=full needs GPU ranks" in result.stdout + result.stderr

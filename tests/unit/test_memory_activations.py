@@ -71,7 +71,6 @@ CASES = (
 def _saved_bytes(runs: list[tuple[ModelConfig, TrainConfig]], port: int) -> list[int]:
     """In a fresh process: build each model on one CPU rank and sum what its forward saves."""
     import torch
-    from megatron.core.tensor_parallel import random as megatron_random
 
     from megatron_ext import parallel
     from megatron_ext.cpu import cpu_mode
@@ -83,9 +82,6 @@ def _saved_bytes(runs: list[tuple[ModelConfig, TrainConfig]], port: int) -> list
     torch.set_num_threads(2)
     out = []
     with cpu_mode():
-        # Recomputation stores the RNG states; cpu_mode does not cover the CUDA one (a forward
-        # pass never restores it).
-        megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
         parallel.init(ONE_RANK, RunEnv.from_env(), seed=1, timeout_s=60, use_gpu=False)
         try:
             for model_cfg, train_cfg in runs:
