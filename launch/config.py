@@ -133,6 +133,9 @@ def validate(cfg: RunConfig, layout: Optional[Layout] = None) -> list[str]:
                    f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
     if cfg.train.precision == "fp8" and cfg.model.transformer_impl != "transformer_engine":
         out.append("train.precision=fp8 needs model.transformer_impl=transformer_engine")
+    if cfg.parallel.overlap_param_gather and not cfg.optimizer.distributed:
+        out.append("parallel.overlap_param_gather=true needs optimizer.distributed=true (only the "
+                   "distributed optimizer all-gathers updated parameters)")
     if not cfg.parallel.auto:
         out += _layout_problems(cfg, layout or derive_layout(cfg))
     return out

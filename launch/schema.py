@@ -53,8 +53,9 @@ class ModelConfig:
     init_method_std: float = 0.02
     transformer_impl: str = "transformer_engine"
     """Layer spec: Transformer Engine on GPU; CPU ranks always use the local spec."""
-    attention_backend: str = "flash"
-    """flash or fused kernels, or unfused (materialises the s x s attention scores)."""
+    attention_backend: str = "fused"
+    """Transformer Engine's attention kernel: fused (cuDNN, ships with TE), flash (needs the
+    flash-attn package in the image), or unfused (materialises the s x s attention scores)."""
 
     def problems(self) -> list[str]:
         out = choice_problem("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
@@ -101,10 +102,6 @@ class ParallelConfig:
     """Distributed optimizer: all-gather the updated parameter shards bucket by bucket during
     the next forward instead of right after the step; needs overlap_grad_reduce=true and
     optimizer.distributed=true (megatron's ``overlap_param_gather``)."""
-    tp_comm_overlap: bool = False
-    """Split the TP all-gather/reduce-scatter of each linear layer into chunks overlapped with
-    its GEMM (Transformer Engine userbuffers); needs sp=true, tp > 1, a GPU and
-    model.transformer_impl=transformer_engine. CPU ranks run without it."""
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -118,10 +115,6 @@ class ParallelConfig:
         if self.overlap_param_gather and not self.overlap_grad_reduce:
             out.append("parallel.overlap_param_gather=true needs parallel.overlap_grad_reduce="
                        "true (megatron gathers parameters in the buckets the reduction fills)")
-        if self.tp_comm_overlap and not (self.sp and self.tp > 1):
-            out.append(f"parallel.tp_comm_overlap=true needs parallel.sp=true and parallel.tp > 1 "
-                       f"(got sp={str(self.sp).lower()}, tp={self.tp}): it overlaps the "
-                       "sequence-parallel all-gather/reduce-scatter with the GEMMs")
         if self.vpp > 1 and self.pp == 1:
             out.append(f"parallel.vpp={self.vpp} needs parallel.pp > 1 (virtual stages "
                        "interleave a real pipeline)")

@@ -26,18 +26,16 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import signal
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
@@ -50,11 +48,11 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from launch.schema import CheckpointConfig, Layout
 from megatron_ext import commit
+from megatron_ext.rng import rng_state, set_rng_state
 from megatron_ext.replicate import S3Replicator
 
 log = logging.getLogger("megatron_ext.checkpoint")
@@ -99,8 +97,10 @@ class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, *, model: list[torch.nn.Module],
                  optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
                  layout: Layout, config_yaml: str,
-                 on_failure: Callable[[str], object] | None = None) -> None:  # S3 copy failures
+                 on_failure: Callable[[str], object] | None = None,  # S3 copy failures
+                 ddp: Sequence[torch.nn.Module] = ()) -> None:
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
+        self.ddp = list(ddp)  # megatron's DDP wrappers, for overlap_param_gather (see save)
         self.root = Path(cfg.dir)
         self.layout = dataclasses.asdict(layout)
         self.config_yaml = config_yaml
@@ -175,6 +175,9 @@ class Checkpointer:
         fmt = self.cfg.optimizer_format
         strategy = FullyParallelSaveStrategyWrapper(  # spreads replicated writes over DP ranks
             TorchDistSaveShardedStrategy("torch_dist", 1), _sharding_metadata(fmt)["dp_cp_group"])
+        for chunk in self.ddp:  # overlapped, this step's weights arrive in the next forward
+            if chunk.ddp_config.overlap_param_gather:
+                chunk.start_param_sync(force_sync=True)
         state = self._sharded_state(fmt, is_loading=False) | self._common_state(step,
                                                                                 consumed_samples)
         request = dist_checkpointing.save(state, str(tmp), strategy, async_sharded_save=True)
@@ -379,21 +382,3 @@ def warm_up_writer() -> None:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every generator training draws from on this rank, including megatron's named ones."""
-    state = {"python": random.getstate(), "numpy": numpy.random.get_state(),
-             "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    numpy.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])

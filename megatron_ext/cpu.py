@@ -27,7 +27,7 @@ _CUDA_TYPE_NAMES = {
 
 
 def _is_gpu_device(device: Any) -> bool:
-    if isinstance(device, int):
+    if isinstance(device, int) and not isinstance(device, bool):  # Module.to(False): no device
         return True
     if isinstance(device, str):
         return device.startswith("cuda")

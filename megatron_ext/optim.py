@@ -1,5 +1,12 @@
-"""Wrap the model chunks in megatron's DDP and build its (distributed) optimizer and lr schedule."""
+"""Wrap the model chunks in megatron's DDP and build its (distributed) optimizer and lr schedule.
+
+The communication overlap options (``parallel.overlap_grad_reduce``, ``overlap_param_gather``)
+reach megatron's ``DistributedDataParallelConfig`` and ``OptimizerConfig`` here and nowhere
+else; the schedule learns to launch reductions per chunk through ``TransformerConfig``.
+"""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -14,25 +21,43 @@ from megatron.core.transformer import TransformerConfig
 from launch.schema import RunConfig
 
 
+def ddp_config(cfg: RunConfig) -> DistributedDataParallelConfig:
+    """fp32 gradient buffers (bf16 grads lose small updates); overlap as ``parallel`` asks."""
+    p = cfg.parallel
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        use_distributed_optimizer=cfg.optimizer.distributed, check_for_nan_in_grad=False)
+
+
 def wrap_ddp(chunks: list[GPTModel], config: TransformerConfig,
              cfg: RunConfig) -> list[DistributedDataParallel]:
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.optimizer.distributed, check_for_nan_in_grad=False)
+    ddp = ddp_config(cfg)
     # Only the first chunk buckets its gradients, as in Megatron-LM's training loop.
-    return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+    return [DistributedDataParallel(config=config, ddp_config=ddp, module=chunk,
                                     disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
+
+
+def optimizer_config(config: TransformerConfig, cfg: RunConfig) -> OptimizerConfig:
+    """Adam as ``optimizer`` describes; ``overlap_param_gather`` must match the DDP config's."""
+    o, t = cfg.optimizer, cfg.train
+    return OptimizerConfig(
+        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad, bf16=config.bf16, params_dtype=config.params_dtype,
+        use_distributed_optimizer=o.distributed,
+        overlap_param_gather=cfg.parallel.overlap_param_gather)
+
+
+def _per_chunk(funcs: list[Callable]) -> Callable | list[Callable]:
+    """The schedule takes one callable for a single chunk, a list for virtual stages."""
+    return funcs[0] if len(funcs) == 1 else funcs
 
 
 def build_optimizer(model: list[DistributedDataParallel], config: TransformerConfig,
                     cfg: RunConfig) -> tuple[MegatronOptimizer, OptimizerParamScheduler]:
     o, t = cfg.optimizer, cfg.train
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=o.weight_decay,
-                        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-                        clip_grad=o.clip_grad, bf16=config.bf16, params_dtype=config.params_dtype,
-                        use_distributed_optimizer=o.distributed),
-        model)
+    optimizer = get_megatron_optimizer(optimizer_config(config, cfg), model)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_steps,
         lr_decay_steps=t.steps, lr_decay_style=t.lr_decay_style, start_wd=o.weight_decay,
@@ -40,6 +65,9 @@ def build_optimizer(model: list[DistributedDataParallel], config: TransformerCon
     # The schedule calls these between micro-batches and after the last backward.
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
-    no_sync = [chunk.no_sync for chunk in model]
-    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    config.no_sync_func = _per_chunk([chunk.no_sync for chunk in model])
+    if cfg.parallel.overlap_grad_reduce:
+        # As Megatron-LM (align_grad_reduce): the interleaved schedule starts each chunk's
+        # reduction after its last backward, at the same time on every pipeline stage.
+        config.grad_sync_func = _per_chunk([chunk.start_grad_sync for chunk in model])
     return optimizer, scheduler

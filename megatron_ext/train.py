@@ -86,7 +86,7 @@ def build(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Al
     ckpt = Checkpointer(cfg.checkpoint, model=chunks, optimizer=optimizer, scheduler=scheduler,
                         layout=layout, config_yaml=to_yaml(cfg),
                         on_failure=functools.partial(alerts.send, alert_kinds.CHECKPOINT_FAILURE,
-                                                     rank=env.rank))
+                                                     rank=env.rank), ddp=model)
     return Training(model, optimizer, scheduler, dataset, plan, ckpt)
 
 
