@@ -19,11 +19,9 @@ from typing import Any
 
 from submitit.slurm.slurm import _make_sbatch_string
 
-from launch.schema import ClusterConfig, RunConfig
+from launch.schema import REQUEUE_REQUEST, ClusterConfig, RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
-REQUEUE_EXIT = 42
-"""A rank's exit code after it saved on the pre-timeout signal; mirrors megatron_ext.signals."""
 
 
 def rank_python(cluster: ClusterConfig, launcher_python: str) -> str:
@@ -55,15 +53,20 @@ def _setup_lines(c: ClusterConfig, repo: Path) -> list[str]:
     return lines
 
 
-def _teardown_lines(c: ClusterConfig) -> list[str]:
+def _requeue_request(cfg: RunConfig) -> str:
+    return shlex.quote(str(Path(cfg.run_dir) / REQUEUE_REQUEST))
+
+
+def _teardown_lines(cfg: RunConfig) -> list[str]:
     """After srun: a job whose ranks saved on the pre-timeout signal asks Slurm to run it again.
 
     The batch shell (on the host) requeues rather than a rank, because inside a container
-    ``scontrol`` is not available.
+    ``scontrol`` is not available; rank 0 asks by creating ``REQUEUE_REQUEST`` in the run folder.
     """
     lines = ["rc=$?"]
-    if c.requeue:
-        lines.append(f'if [ "$rc" -eq {REQUEUE_EXIT} ]; then scontrol requeue "$SLURM_JOB_ID"; fi')
+    if cfg.cluster.requeue:
+        request = _requeue_request(cfg)
+        lines.append(f'if [ -e {request} ]; then rm -f {request}; scontrol requeue "$SLURM_JOB_ID"; fi')
     return lines + ['exit "$rc"']
 
 
@@ -86,7 +89,8 @@ def slurm_params(cfg: RunConfig, repo: Path = REPO) -> dict[str, Any]:
     params: dict[str, Any] = {
         "job_name": cfg.name, "nodes": c.nodes, "ntasks_per_node": c.gpus_per_node,
         "cpus_per_task": c.cpus_per_task, "time": c.timeout_min, "wckey": None,
-        "setup": _setup_lines(c, repo), "teardown": _teardown_lines(c),
+        "setup": _setup_lines(c, repo) + [f"rm -f {_requeue_request(cfg)}"],
+        "teardown": _teardown_lines(cfg),
         "srun_args": _srun_args(c),
         # submitit's own --signal (USR2@90) is for its pickled wrapper, which is not used here.
         "additional_parameters": {"signal": c.signal,

@@ -25,6 +25,10 @@ RECOMPUTE = ("none", "selective", "full")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 DATA_KINDS = ("synthetic", "indexed")
 NAN_ACTIONS = ("stop", "skip")
+REQUEUE_REQUEST = "requeue-request"
+"""File in ``run_dir`` rank 0 creates after saving on the pre-timeout signal; the batch script
+then requeues the job. A file, not an exit code: ranks exit 0 so that ``srun
+--kill-on-bad-exit`` never cuts a peer's clean exit short."""
 
 
 @dataclass

@@ -6,8 +6,9 @@ scancel), KillWait seconds before SIGKILL. The handler only sets a flag; at a st
 loop asks ``requested()``, which all-reduces the flag so every rank stops at the same step
 (a rank saving while another runs a step would deadlock), saves, and exits with ``exit_code``:
 
-- ``REQUEUE_EXIT`` (42) after the pre-timeout signal: the sbatch script, on the host where
-  ``scontrol`` exists even when ranks run in a container, runs ``scontrol requeue``;
+- 0 after the pre-timeout signal, with rank 0 having created ``launch.schema.REQUEUE_REQUEST``
+  in the run folder: the sbatch script, on the host where ``scontrol`` exists even when ranks
+  run in a container, then runs ``scontrol requeue`` (``wants_requeue``);
 - 128 + SIGTERM after SIGTERM: Slurm is already ending the job and requeues it itself when the
   job has ``--requeue`` and the cause is preemption or a node failure (not scancel).
 """
@@ -19,7 +20,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-REQUEUE_EXIT = 42
 _TIMEOUT, _TERMINATE = 1, 2  # ordered: when both arrive, Slurm's own ending wins
 
 
@@ -46,5 +46,10 @@ class StopSignals:
         return self._agreed > 0
 
     @property
+    def wants_requeue(self) -> bool:
+        """The pre-timeout signal (not Slurm's own SIGTERM) stopped the run."""
+        return self._agreed == _TIMEOUT
+
+    @property
     def exit_code(self) -> int:
-        return REQUEUE_EXIT if self._agreed == _TIMEOUT else 128 + signal.SIGTERM
+        return 0 if self.wants_requeue else 128 + signal.SIGTERM

@@ -19,7 +19,7 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from launch.config import derive_layout, load, to_yaml
-from launch.schema import Layout, RunConfig
+from launch.schema import REQUEUE_REQUEST, Layout, RunConfig
 from megatron_ext import alerts as alert_kinds
 from megatron_ext import parallel
 from megatron_ext.alerts import Alerts
@@ -161,6 +161,8 @@ def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Al
         if stop.requested(device="cuda" if use_gpu else "cpu"):
             log.warning("stop signal: saving step %d, then exiting for requeue", step)
             run.ckpt.save(step, consumed, blocking=True)
+            if stop.wants_requeue and env.rank == 0:
+                (Path(cfg.run_dir) / REQUEUE_REQUEST).touch()
             raise SystemExit(stop.exit_code)
     run.ckpt.close(max(start_step, t.steps), consumed)
     watchdog.close()

@@ -111,7 +111,8 @@ def test_a_requeued_job_resumes_from_the_checkpoint_saved_on_sigterm(
 
 
 def test_the_pre_timeout_signal_saves_and_requeues_the_job(slurm: Path, workdir: Path) -> None:
-    """``--signal=USR1@120`` near the time limit: the ranks save, exit 42, the script requeues."""
+    """``--signal=USR1@120`` near the time limit: the ranks save, rank 0 asks
+    for a requeue (a file in the run folder), the batch script requeues."""
     _, log = _interrupt_mid_run(workdir, "slurm-timeout", ["scancel", "--signal=USR1"])
     assert "stop signal: saving step" in log
 

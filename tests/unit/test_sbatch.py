@@ -17,7 +17,8 @@ import pytest
 from launch import sbatch
 from launch.config import with_values
 from launch.submit import dry_run_text, executor_params, shared_fs_problems
-from megatron_ext.signals import REQUEUE_EXIT, StopSignals
+from launch.schema import REQUEUE_REQUEST
+from megatron_ext.signals import StopSignals
 from tests.conftest import REPO, make_config
 
 GOLDEN = REPO / "tests" / "golden"
@@ -123,20 +124,24 @@ def test_values_reach_the_environment_verbatim(tmp_path: Path) -> None:
     assert out.stdout.endswith(value)
 
 
-def test_requeue_exit_code_is_shared_by_ranks_and_script() -> None:
-    assert sbatch.REQUEUE_EXIT == REQUEUE_EXIT
-    assert f'if [ "$rc" -eq {REQUEUE_EXIT} ]; then scontrol requeue' in _render("cluster=pcs_p5")
+def test_the_script_requeues_when_rank_0_asks() -> None:
+    text = _render("cluster=pcs_p5")
+    request = f"/fsx/runs/llama/launches/2025-01-01_00-00-00/{REQUEUE_REQUEST}"
+    assert f"rm -f {request}\n" in text.split("# command")[0]  # a stale request from a rerun
+    assert (f'if [ -e {request} ]; then rm -f {request}; scontrol requeue "$SLURM_JOB_ID"; fi'
+            in text)
     assert "scontrol requeue" not in _render("cluster=pcs_p5", "cluster.requeue=false")
 
 
-@pytest.mark.parametrize("signame, code", [("SIGUSR1", REQUEUE_EXIT), ("SIGTERM", 128 + 15)])
-def test_a_signal_sets_the_flag_the_loop_polls(signame: str, code: int) -> None:
+@pytest.mark.parametrize("signame, code, requeue", [("SIGUSR1", 0, True),
+                                                    ("SIGTERM", 128 + 15, False)])
+def test_a_signal_sets_the_flag_the_loop_polls(signame: str, code: int, requeue: bool) -> None:
     saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     try:
         stop = StopSignals("USR1@120")
         assert not stop.requested()
         os.kill(os.getpid(), getattr(signal, signame))
-        assert stop.requested() and stop.exit_code == code
+        assert stop.requested() and stop.exit_code == code and stop.wants_requeue == requeue
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
