@@ -15,9 +15,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from launch.config import compose, to_run_config, to_yaml
 from megatron_ext import commit
 from megatron_ext.replicate import s3_client
 from tests.conftest import run_launch
-from tests.integration.conftest import read_metrics
+from tests.integration.conftest import read_metrics, torchrun_argv
 from tests.s3_server import aws_env, s3_endpoint
 
 pytestmark = pytest.mark.slow
@@ -36,12 +34,6 @@ pytestmark = pytest.mark.slow
 STEPS, INTERVAL = 12, 4
 TRAIN = ["data=synthetic", f"train.steps={STEPS}", "train.warmup_steps=2", "train.log_interval=1",
          f"checkpoint.save_interval={INTERVAL}"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(run_dir: Path, ckpt_dir: Path, *overrides: str) -> Path:
@@ -54,8 +46,7 @@ def _config(run_dir: Path, ckpt_dir: Path, *overrides: str) -> Path:
 
 
 def _torchrun_argv(config: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            f"--master-port={_free_port()}", "-m", "megatron_ext.train", str(config)]
+    return torchrun_argv("-m", "megatron_ext.train", str(config))
 
 
 def _torchrun(config: Path) -> subprocess.CompletedProcess:

@@ -9,13 +9,12 @@ parameters excluded, are exactly the activations the backward pass will read: th
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 from launch.schema import Layout, ModelConfig, RunConfig, TrainConfig
 from tests.conftest import make_config
+from tests.unit.megatron_forward import cpu_rank, free_port
 from tools.memory import saved_activation_bytes
 
 ONE_RANK = Layout(tp=1, pp=1, cp=1, dp=1)
@@ -72,53 +71,37 @@ def _saved_bytes(runs: list[tuple[ModelConfig, TrainConfig]], port: int) -> list
     """In a fresh process: build each model on one CPU rank and sum what its forward saves."""
     import torch
 
-    from megatron_ext import parallel
-    from megatron_ext.cpu import cpu_mode
-    from megatron_ext.env import RunEnv
     from megatron_ext.model import build_model
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(2)
     out = []
-    with cpu_mode():
-        parallel.init(ONE_RANK, RunEnv.from_env(), seed=1, timeout_s=60, use_gpu=False)
-        try:
-            for model_cfg, train_cfg in runs:
-                chunks, _ = build_model(model_cfg, train_cfg, ONE_RANK, False)
-                model = chunks[0]
-                weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-                saved: dict[int, int] = {}
+    with cpu_rank(0, 1, port, threads=2) as layout:
+        for model_cfg, train_cfg in runs:
+            chunks, _ = build_model(model_cfg, train_cfg, layout, False)
+            model = chunks[0]
+            weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            saved: dict[int, int] = {}
 
-                def pack(tensor: torch.Tensor) -> torch.Tensor:
-                    storage = tensor.untyped_storage()
-                    if storage.data_ptr() not in weights:
-                        saved[storage.data_ptr()] = storage.nbytes()
-                    return tensor
+            def pack(tensor: torch.Tensor) -> torch.Tensor:
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in weights:
+                    saved[storage.data_ptr()] = storage.nbytes()
+                return tensor
 
-                b, s = train_cfg.micro_batch_size, train_cfg.seq_length
-                tokens = torch.randint(0, model_cfg.vocab_size, (b, s))
-                positions = torch.arange(s).expand(b, s)
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                    loss = model(tokens, positions, None, labels=tokens)
-                out.append(sum(saved.values()))
-                del loss
-        finally:
-            parallel.shutdown()
+            b, s = train_cfg.micro_batch_size, train_cfg.seq_length
+            tokens = torch.randint(0, model_cfg.vocab_size, (b, s))
+            positions = torch.arange(s).expand(b, s)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                loss = model(tokens, positions, None, labels=tokens)
+            out.append(sum(saved.values()))
+            del loss
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_saved_activations_match_megatron_core_on_cpu() -> None:
     configs = [case.config() for case in CASES]
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
         measured = pool.submit(_saved_bytes, [(c.model, c.train) for c in configs],
-                               _free_port()).result(timeout=240)
+                               free_port()).result(timeout=240)
     errors = []
     print(f"\n{'case':<46} {'measured B':>11} {'predicted B':>11} {'error':>9}")
     for case, cfg, bytes_ in zip(CASES, configs, measured):
