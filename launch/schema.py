@@ -219,6 +219,11 @@ class CheckpointConfig:
     on_corrupt: str = "fallback"
     """The newest committed checkpoint fails verification or loading: ``fallback`` to the
     previous committed one (with a warning), or ``error`` to stop the run."""
+    verify: str = "checksums"
+    """What resume checks before loading a checkpoint. ``checksums``: every shard's SHA-256
+    against the one its writer recorded (the ranks share the re-reading; catches bytes that
+    changed with the size intact). ``sizes``: file sizes and metadata only (faster resume of
+    very large checkpoints on slow storage). Checksums are recorded at every save either way."""
     optimizer_format: str = "dp_reshardable"
     """How the distributed optimizer's state is stored. ``dp_reshardable`` (megatron-LM's
     default): every rank writes its own shard, no communication; reloads only into a layout
@@ -248,6 +253,7 @@ class CheckpointConfig:
                        "from the newest checkpoint)")
         out += choice_problem("checkpoint.optimizer_format", self.optimizer_format,
                               ("dp_reshardable", "fully_reshardable"))
+        out += choice_problem("checkpoint.verify", self.verify, ("checksums", "sizes"))
         return out + choice_problem("checkpoint.on_corrupt", self.on_corrupt, ("fallback", "error"))
 
 

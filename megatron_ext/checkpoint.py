@@ -5,7 +5,8 @@ format): the state is planned while training waits, then a forked process writes
 training goes on (``AsyncCallsQueue``); on CPU the fork itself is the snapshot (copy on
 write), on GPU megatron first copies the tensors to host memory. When every rank finished,
 rank 0 commits (``megatron_ext.commit``): manifest marker, rename ``.tmp`` -> final,
-``latest`` pointer, retention.
+``latest`` pointer, retention. Each rank's writer also records the SHA-256 of its shards;
+resume re-checks them, split over the ranks (``checkpoint.verify``, ``ckpt_files``).
 
 What a checkpoint holds: model chunks (``model``, or ``model0``.. with virtual pipeline
 stages), the optimizer (``checkpoint.optimizer_format``), the lr
@@ -22,11 +23,7 @@ layout. RNG states are per rank, restored only when the layout is unchanged; wit
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-import os
-import shutil
 import signal
 import time
 import traceback
@@ -52,6 +49,8 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from launch.schema import CheckpointConfig, Layout
 from megatron_ext import commit
+from megatron_ext.ckpt_files import (fresh_dir, listing, publish, remove, verify,
+                                      verify_shards, with_shard_digests)
 from megatron_ext.rng import rng_state, set_rng_state
 from megatron_ext.replicate import S3Replicator
 
@@ -180,7 +179,9 @@ class Checkpointer:
                 chunk.start_param_sync(force_sync=True)
         state = self._sharded_state(fmt, is_loading=False) | self._common_state(step,
                                                                                 consumed_samples)
-        request = dist_checkpointing.save(state, str(tmp), strategy, async_sharded_save=True)
+        request = with_shard_digests(
+            dist_checkpointing.save(state, str(tmp), strategy, async_sharded_save=True),
+            tmp, self.rank)
         request.add_finalize_fn(partial(self._commit, step))
         self._in_flight = step
         if self._queue is None:
@@ -226,7 +227,7 @@ class Checkpointer:
         tried = []
         for step in commit.load_order(found):
             path = self.root / commit.step_dir(step)
-            problems = self._from_rank0(lambda: verify(path))
+            problems = self._from_rank0(lambda: verify(path)) or self._verify_checksums(path)
             outcome = problems or self._try_load(path)
             if isinstance(outcome, Resume):
                 return outcome
@@ -240,6 +241,16 @@ class Checkpointer:
             raise CheckpointCorrupt(f"no intact committed checkpoint in {self.root} (corrupt: "
                                     f"{', '.join(map(str, tried))}); refusing to start over")
         return Resume()
+
+    def _verify_checksums(self, path: Path) -> list[str]:
+        """Every rank re-hashes its share of the shards: the checkpoint is read once, in
+        parallel, and every rank gets the same verdict."""
+        if self.cfg.verify != "checksums":
+            return []
+        world = dist.get_world_size()
+        found: list[Any] = [None] * world
+        dist.all_gather_object(found, verify_shards(path, part=self.rank, parts=world))
+        return [problem for problems in found for problem in problems]
 
     def _try_load(self, path: Path) -> Resume | list[str]:
         """The loaded position, or every rank's error; all ranks agree on the outcome."""
@@ -293,76 +304,7 @@ class Checkpointer:
             log.warning(fmt, *args)
 
 
-# -- filesystem (rank 0) and RNG helpers ------------------------------------------------------
-def listing(root: Path) -> dict[str, bool]:
-    """Folder name -> holds the commit marker; the input of the rules in ``commit``."""
-    if not root.is_dir():
-        return {}
-    return {p.name: (p / commit.MARKER).is_file() for p in root.iterdir() if p.is_dir()}
-
-
-def _file_sizes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*")
-            if p.is_file() and p.name != commit.MARKER}
-
-
-def _digest(folder: Path, names: list[str]) -> str:
-    h = hashlib.sha256()
-    for name in commit.digested(names):
-        h.update(name.encode() + b"\0" + (folder / name).read_bytes())
-    return h.hexdigest()
-
-
-def verify(folder: Path) -> list[str]:
-    """A committed folder against its manifest: files present, sizes and metadata unchanged."""
-    try:
-        recorded = json.loads((folder / commit.MARKER).read_text())
-    except (OSError, ValueError) as exc:
-        return [f"unreadable {commit.MARKER}: {exc}"]
-    files = _file_sizes(folder)
-    return commit.manifest_problems(recorded, files, _digest(folder, list(files)))
-
-
-def _write_synced(path: Path, text: str) -> None:
-    """Write, fsync and atomically replace: readers see the old or the new file, never half."""
-    tmp = path.with_name(path.name + ".writing")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def publish(root: Path, step: int, config_yaml: str) -> None:
-    """Rank 0, after every rank wrote: config, manifest marker, rename, ``latest`` pointer."""
-    tmp, final = root / commit.tmp_dir(step), root / commit.step_dir(step)
-    (tmp / "config.yaml").write_text(config_yaml)
-    files = _file_sizes(tmp)
-    _write_synced(tmp / commit.MARKER,
-                  json.dumps(commit.manifest(step, files, _digest(tmp, list(files))), indent=1))
-    if final.exists():  # a run resumed from an older step and reached this one again
-        log.warning("replacing %s with the new save of step %d", final, step)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_synced(root / commit.LATEST, commit.step_dir(step) + "\n")
-    fd = os.open(root, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fresh_dir(path: Path) -> None:
-    """An empty folder for a save (left-overs of a killed save of the same step go)."""
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-
-
-def remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
+# -- the writer process ------------------------------------------------------------------
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 

@@ -7,8 +7,9 @@ Layout of ``checkpoint.dir``::
     latest               text "step_000120", replaced atomically after each commit
 
 A folder is committed iff its name is ``step_<N>`` and it holds the marker. The marker is
-a manifest (every file's size and a digest of the small metadata files), so a shard that
-went missing or was truncated later is caught before anything is loaded. Resume scans the
+a manifest (every file's size, a digest of the small metadata files and the SHA-256 of every
+shard, recorded by the rank that wrote it), so a shard that went missing, was truncated or
+changed later is caught before anything is loaded. Resume scans the
 folders rather than trusting ``latest``: a crash between the rename and the pointer update
 leaves the pointer one checkpoint behind, never ahead.
 """
@@ -22,6 +23,9 @@ LATEST = "latest"
 TMP_SUFFIX = ".tmp"
 # Small files whose bytes the manifest hashes: megatron's metadata, the common state, config.
 DIGESTED = (".metadata", "metadata.json", "common.pt", "config.yaml")
+# What a rank's writer leaves beside its shards; merged into the manifest at the commit.
+SHARD_DIGESTS_SUFFIX = ".sha256.json"
+SHARD_SUFFIX = ".distcp"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -31,6 +35,10 @@ def step_dir(step: int) -> str:
 
 def tmp_dir(step: int) -> str:
     return step_dir(step) + TMP_SUFFIX
+
+
+def shard_digests_name(rank: int) -> str:
+    return f"__{rank}{SHARD_DIGESTS_SUFFIX}"
 
 
 def parse_step(name: str) -> int | None:
@@ -81,13 +89,15 @@ def to_delete(listing: Mapping[str, bool], *, keep_last: int, keep_every: int) -
     return sorted(doomed)
 
 
-def manifest(step: int, files: Mapping[str, int], digest: str) -> dict:
-    """What the marker records: file sizes in bytes and the metadata digest."""
-    return {"step": step, "files": dict(sorted(files.items())), "digest": digest}
+def manifest(step: int, files: Mapping[str, int], digest: str,
+             checksums: Mapping[str, str]) -> dict:
+    """What the marker records: file sizes in bytes, the metadata digest, shard checksums."""
+    return {"step": step, "files": dict(sorted(files.items())), "digest": digest,
+            "sha256": dict(sorted(checksums.items()))}
 
 
 def manifest_problems(recorded: Mapping, files: Mapping[str, int], digest: str) -> list[str]:
-    """Why a committed folder no longer matches its marker; empty when intact."""
+    """Why a committed folder no longer matches its marker's sizes; empty when intact."""
     out = []
     for name, size in recorded["files"].items():
         if name not in files:
@@ -97,6 +107,23 @@ def manifest_problems(recorded: Mapping, files: Mapping[str, int], digest: str) 
     if recorded["digest"] != digest:
         out.append("metadata digest differs from the manifest")
     return out
+
+
+def without_checksum(files: Iterable[str], checksums: Mapping[str, str]) -> list[str]:
+    """Shards the manifest could not record a checksum for (their writer did not report)."""
+    return sorted(n for n in files if n.endswith(SHARD_SUFFIX) and n not in checksums)
+
+
+def shards_of_part(recorded: Mapping, part: int, parts: int) -> list[str]:
+    """The shards one of ``parts`` verifiers re-hashes: every shard exactly once overall."""
+    return sorted(recorded.get("sha256", {}))[part::parts]
+
+
+def checksum_problems(recorded: Mapping, computed: Mapping[str, str]) -> list[str]:
+    """Shards whose bytes changed since their writer hashed them (same size or not)."""
+    return [f"{name} does not match its SHA-256 in the manifest (its bytes changed after "
+            "the save)" for name, value in sorted(computed.items())
+            if recorded["sha256"][name] != value]
 
 
 def digested(names: Iterable[str]) -> list[str]:

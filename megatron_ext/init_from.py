@@ -16,7 +16,7 @@ from megatron.core.models.gpt import GPTModel
 
 from launch.schema import ModelConfig
 from megatron_ext import commit
-from megatron_ext.checkpoint import listing
+from megatron_ext.ckpt_files import listing
 from megatron_ext.hf_llama import PADDED_ROWS, WeightSource, model_problems, open_weights
 from megatron_ext.model import weight_shards
 

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_ext import commit
+from megatron_ext.ckpt_files import listing, verify, verify_shards
 from megatron_ext.hf_llama import (
     FORMAT,
     INDEX_FILE,
@@ -178,8 +179,6 @@ def committed_checkpoint(path: Path) -> Path:
     Uncommitted folders (``.tmp``, or no marker: a save killed or still being written) are
     never read, the same rules ``Checkpointer.load_latest`` resumes by.
     """
-    from megatron_ext.checkpoint import listing, verify  # imports megatron: seconds
-
     if commit.incomplete({path.name: (path / commit.MARKER).is_file()}):
         raise ValueError(f"{path} is not a committed checkpoint (no {commit.MARKER}: its save "
                          "was interrupted or is still running); export a committed step")
@@ -195,7 +194,7 @@ def committed_checkpoint(path: Path) -> Path:
                              f"{commit.MARKER}){skipped}, no converted checkpoint ({META_FILE}) "
                              "and no Hugging Face model (config.json)")
         chosen = path / commit.step_dir(newest[0])
-    problems = verify(chosen)
+    problems = verify(chosen) or verify_shards(chosen, part=0, parts=1)
     if problems:
         raise ValueError(f"{chosen} does not match its manifest: {'; '.join(problems)}; export "
                          "an older committed step_<N> folder instead")

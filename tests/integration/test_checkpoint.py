@@ -138,31 +138,43 @@ def test_a_save_killed_midway_is_skipped_and_training_resumes(tmp_path):
     assert sorted(_losses(tmp_path / "resumed")) == list(range(newest + 1, 15))
 
 
-def _corrupt_newest(reference_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+def _truncate(shard: Path) -> str:
+    shard.write_bytes(shard.read_bytes()[:1000])  # a write cut short
+    return f"{shard.name} has 1000 bytes"
+
+
+def _flip_a_byte(shard: Path) -> str:
+    data = bytearray(shard.read_bytes())  # silent corruption: the size stays the same
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return f"{shard.name} does not match its SHA-256 in the manifest"
+
+
+def _corrupt_newest(reference_dir: Path, tmp_path: Path, damage=_truncate) -> tuple[Path, str]:
+    """Checkpoints 4 and 8, the largest shard of 8 damaged; the error it must be refused with."""
     ckpt_dir = _checkpoints(reference_dir, tmp_path / "ckpt", 4, 8)
     shard = max((ckpt_dir / commit.step_dir(8)).glob("*.distcp"), key=lambda p: p.stat().st_size)
-    shard.write_bytes(shard.read_bytes()[:1000])  # a truncated write
-    return ckpt_dir, shard
+    return ckpt_dir, damage(shard)
 
 
-def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
+@pytest.mark.parametrize("damage", [_truncate, _flip_a_byte], ids=["truncated", "bit-flip"])
+def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, damage):
     ref_dir, ref_losses = reference
-    ckpt_dir, shard = _corrupt_newest(ref_dir, tmp_path)
+    ckpt_dir, refusal = _corrupt_newest(ref_dir, tmp_path, damage)
     result = _torchrun(_config(tmp_path / "run", ckpt_dir))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"checkpoint {ckpt_dir / commit.step_dir(8)} is corrupt: {shard.name} has 1000 bytes" \
-        in result.stdout
+    assert f"checkpoint {ckpt_dir / commit.step_dir(8)} is corrupt: {refusal}" in result.stdout
     assert f"resumed from {ckpt_dir / commit.step_dir(4)}" in result.stdout
     assert _losses(tmp_path / "run") == _after(ref_losses, 4)
 
 
 def test_a_corrupt_checkpoint_stops_the_run_with_on_corrupt_error(reference, tmp_path):
-    ckpt_dir, shard = _corrupt_newest(reference[0], tmp_path)
+    ckpt_dir, refusal = _corrupt_newest(reference[0], tmp_path)
     result = _torchrun(_config(tmp_path / "run", ckpt_dir, "checkpoint.on_corrupt=error"))
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "CheckpointCorrupt" in output and "checkpoint.on_corrupt=error" in output
-    assert f"{shard.name} has 1000 bytes" in output
+    assert refusal in output
     assert _losses(tmp_path / "run") == {}  # not one step on a bad state
 
 

@@ -50,7 +50,7 @@ def test_retention_with_nothing_committed_deletes_nothing() -> None:
 
 def test_manifest_catches_missing_and_truncated_shards_and_changed_metadata() -> None:
     files = {"__0_0.distcp": 100, "__1_0.distcp": 120, "common.pt": 7}
-    recorded = commit.manifest(30, files, digest="abc")
+    recorded = commit.manifest(30, files, digest="abc", checksums={})
     assert commit.manifest_problems(recorded, files, "abc") == []
     damaged = {"__0_0.distcp": 60, "common.pt": 7}
     assert commit.manifest_problems(recorded, damaged, "xyz") == [
@@ -63,3 +63,24 @@ def test_manifest_catches_missing_and_truncated_shards_and_changed_metadata() ->
 def test_digest_covers_only_the_small_metadata_files() -> None:
     names = ["__0_0.distcp", "common.pt", ".metadata", "config.yaml", "metadata.json"]
     assert commit.digested(names) == [".metadata", "common.pt", "config.yaml", "metadata.json"]
+
+
+def test_checksum_verification_is_split_so_every_shard_is_rehashed_exactly_once() -> None:
+    names = [f"__{r}_{i}.distcp" for r in range(3) for i in range(2)]
+    recorded = commit.manifest(1, {n: 1 for n in names}, "d", {n: "h" for n in names})
+    parts = [commit.shards_of_part(recorded, part, 4) for part in range(4)]
+    assert sorted(n for part in parts for n in part) == sorted(names)
+    assert all(parts)  # 6 shards over 4 verifiers: nobody idle
+
+
+def test_checksum_problems_name_the_changed_shard_and_only_it() -> None:
+    recorded = commit.manifest(1, {"__0_0.distcp": 9, "__1_0.distcp": 9}, "d",
+                               {"__0_0.distcp": "aa", "__1_0.distcp": "bb"})
+    assert commit.checksum_problems(recorded, {"__0_0.distcp": "aa", "__1_0.distcp": "bc"}) == [
+        "__1_0.distcp does not match its SHA-256 in the manifest (its bytes changed after the "
+        "save)"]
+
+
+def test_shards_without_a_checksum_are_named_metadata_files_need_none() -> None:
+    files = ["__0_0.distcp", "__1_0.distcp", ".metadata", "common.pt"]
+    assert commit.without_checksum(files, {"__0_0.distcp": "aa"}) == ["__1_0.distcp"]
