@@ -99,6 +99,10 @@ def _layout_problems(cfg: RunConfig, layout: Layout) -> list[str]:
     if m.num_layers % stages:
         out.append(f"model.num_layers={m.num_layers} must be divisible by parallel.pp*parallel.vpp"
                    f" = {stages} (every pipeline stage holds the same number of layers)")
+    elif t.recompute == "full" and (m.num_layers // stages) % t.recompute_num_layers:
+        out.append(f"train.recompute_num_layers={t.recompute_num_layers} must divide the "
+                   f"{m.num_layers // stages} layers of each pipeline stage (model.num_layers/"
+                   "(parallel.pp*parallel.vpp)): full recompute checkpoints them in equal groups")
     if t.global_batch_size % (t.micro_batch_size * layout.dp):
         out.append(f"train.global_batch_size={t.global_batch_size} must be divisible by "
                    f"train.micro_batch_size*dp = {t.micro_batch_size}*{layout.dp}")

@@ -32,6 +32,9 @@ BAD_CONFIGS = [
     (["data.kind=parquet"], "data.kind='parquet'"),
     (["cluster.gpus_per_node=8", "parallel.tp=16", "parallel.dp=1"], "exceeds cluster.gpus_per_node"),
     (["train.precision=fp8", "model.transformer_impl=local"], "train.precision=fp8"),
+    (["train.recompute=full", "train.recompute_num_layers=3"], "train.recompute_num_layers=3"),
+    (["checkpoint.verify=full"], "checkpoint.verify='full'"),
+    (["checkpoint.on_corrupt=ignore"], "checkpoint.on_corrupt='ignore'"),
 ]
 
 
