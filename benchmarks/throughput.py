@@ -4,8 +4,9 @@
 Llama 3.2 1B on a GPU) warms every way up, times them in turns (A B C D A B C D ...) so noise hits
 all alike, prints a table and writes benchmarks/results/throughput_<device>.json.
 
-- ``framework``: what ``megatron_ext.train.build`` builds and the per-step lines of its loop
-  (train_step, watchdog beat, straggler step, checkpoint and stop-signal agreement, metrics).
+- ``framework``: what ``megatron_ext.train.build`` builds, stepped by ``megatron_ext.train.Loop``
+  as ``train()`` steps it (train_step, watchdog beat, straggler step, NaN check, checkpoint and
+  stop-signal agreement, metrics).
 - ``framework_no_resilience``: the same objects with the watchdog and straggler detector off.
 - ``megatron_direct``: GPTModel + DDP + distributed optimizer + ``get_forward_backward_func``
   from megatron-core alone (its quick-start loop), on the process groups the framework made.
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from importlib import metadata
 from pathlib import Path
@@ -97,44 +98,23 @@ def run_config(overrides: list[str], shape: Shape, total_steps: int, run_dir: Pa
 def framework_steps(cfg: RunConfig, use_gpu: bool) -> dict[str, Step]:
     """One step of megatron_ext.train's loop, with and without the watchdog and straggler check."""
     from megatron_ext.alerts import Alerts
-    from megatron_ext.data import microbatches
     from megatron_ext.env import RunEnv
-    from megatron_ext.reporting import StepReporter
-    from megatron_ext.signals import StopSignals
-    from megatron_ext.step import train_step
-    from megatron_ext.straggler import NullStragglerDetector, StragglerDetector
-    from megatron_ext.train import build
-    from megatron_ext.watchdog import NullWatchdog, Watchdog
+    from megatron_ext.straggler import NullStragglerDetector
+    from megatron_ext.train import Loop, build
+    from megatron_ext.watchdog import NullWatchdog
 
-    env = RunEnv.from_env()
-    layout, t = derive_layout(cfg), cfg.train
-    run = build(cfg, env, layout, use_gpu, Alerts.from_config(cfg, rank=0))
-    report = StepReporter(cfg, env, layout, use_gpu, start_step=0)
-    stop = StopSignals(cfg.cluster.signal)
-    position = {"step": 0, "consumed": 0}
+    env, layout = RunEnv.from_env(), derive_layout(cfg)
+    alerts = Alerts.from_config(cfg, rank=env.rank)
+    run = build(cfg, env, layout, use_gpu, alerts)
+    on = Loop.start(cfg, env, layout, use_gpu, alerts, run, start_step=0)
+    off = replace(on, watchdog=NullWatchdog(), straggler=NullStragglerDetector())
+    position = {"step": 0, "consumed": 0}  # both ways advance the one run
 
-    def step(watchdog: Watchdog | NullWatchdog,
-             straggler: StragglerDetector | NullStragglerDetector) -> None:
+    def step(loop: Loop) -> None:
         position["step"] += 1
-        step_start = time.monotonic()
-        result = train_step(run.model, run.optimizer, run.scheduler,
-                            microbatches(run.dataset, run.plan, position["consumed"]),
-                            num_microbatches=run.plan.num_microbatches, seq_length=t.seq_length,
-                            micro_batch_size=t.micro_batch_size)
-        position["consumed"] += t.global_batch_size
-        step_s = time.monotonic() - step_start
-        watchdog.beat()
-        check_ = straggler.step(step_s)
-        save_start = time.monotonic()
-        run.ckpt.maybe_save(position["step"], position["consumed"])
-        report.step(position["step"], result, step_s, position["consumed"],
-                    checkpoint_blocking_s=time.monotonic() - save_start, straggler=check_)
-        stop.requested(device="cuda" if use_gpu else "cpu")
+        position["consumed"] = loop.step(position["step"], position["consumed"])
 
-    on = (Watchdog.from_config(cfg, rank=0),
-          StragglerDetector.from_config(cfg, group=None, rank=0, hostname=env.hostname))
-    return {"framework": partial(step, *on),
-            "framework_no_resilience": partial(step, NullWatchdog(), NullStragglerDetector())}
+    return {"framework": partial(step, on), "framework_no_resilience": partial(step, off)}
 
 
 # -- shared by (b) and (c) --------------------------------------------------------------------

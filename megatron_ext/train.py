@@ -19,7 +19,7 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from launch.config import derive_layout, load, to_yaml
-from launch.schema import REQUEUE_REQUEST, Layout, RunConfig
+from launch.schema import REQUEUE_REQUEST, Layout, RunConfig, TrainConfig
 from megatron_ext import alerts as alert_kinds
 from megatron_ext import parallel
 from megatron_ext.alerts import Alerts
@@ -33,8 +33,8 @@ from megatron_ext.optim import build_optimizer, wrap_ddp
 from megatron_ext.reporting import StepReporter
 from megatron_ext.signals import StopSignals
 from megatron_ext.step import StepResult, train_step
-from megatron_ext.straggler import StragglerDetector
-from megatron_ext.watchdog import Watchdog
+from megatron_ext.straggler import NullStragglerDetector, StragglerDetector
+from megatron_ext.watchdog import NullWatchdog, Watchdog
 from tools.memory import predict
 
 log = logging.getLogger("megatron_ext.train")
@@ -123,50 +123,92 @@ def _check_loss(result: StepResult, step: int, streak: int, cfg: RunConfig, env:
     return streak
 
 
+def train_batch(run: Training, t: TrainConfig, consumed: int) -> StepResult:
+    """One optimizer step on the global batch that starts after ``consumed`` samples."""
+    return train_step(run.model, run.optimizer, run.scheduler,
+                      microbatches(run.dataset, run.plan, consumed),
+                      num_microbatches=run.plan.num_microbatches, seq_length=t.seq_length,
+                      micro_batch_size=t.micro_batch_size)
+
+
+@dataclass
+class Loop:
+    """The body of the training loop: a step and, in order, every concern that follows it.
+
+    ``train()`` calls ``step`` for each step; benchmarks/throughput.py times the same call,
+    once as built here and once with null watchdog and straggler detector (``replace``).
+    """
+
+    cfg: RunConfig
+    env: RunEnv
+    run: Training
+    alerts: Alerts
+    report: StepReporter
+    watchdog: Watchdog | NullWatchdog
+    straggler: StragglerDetector | NullStragglerDetector
+    stop: StopSignals
+    use_gpu: bool
+    nan_streak: int = 0
+
+    @classmethod
+    def start(cls, cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Alerts,
+              run: Training, start_step: int) -> "Loop":
+        report = StepReporter(cfg, env, layout, use_gpu, start_step)
+        watchdog = Watchdog.from_config(cfg, rank=env.rank, run_dir=Path(cfg.run_dir),
+                                        on_hang=functools.partial(alerts.send_now,
+                                                                  alert_kinds.HANG, rank=env.rank))
+        straggler = StragglerDetector.from_config(cfg, group=None, rank=env.rank,
+                                                  hostname=env.hostname)
+        return cls(cfg, env, run, alerts, report, watchdog, straggler,
+                   StopSignals(cfg.cluster.signal), use_gpu)
+
+    def step(self, step: int, consumed: int) -> int:
+        """Run ``step`` and what follows it; the samples consumed after it."""
+        run, env, t = self.run, self.env, self.cfg.train
+        step_start = time.monotonic()
+        result = train_batch(run, t, consumed)
+        consumed += t.global_batch_size  # a skipped batch is consumed too, never retried
+        step_s = time.monotonic() - step_start
+        self.watchdog.beat()
+        check = self.straggler.step(step_s)
+        for straggler_report in check.reports if check and env.rank == 0 else []:
+            log.warning("straggler: %s", straggler_report.describe())  # the same on every rank
+            self.alerts.send(alert_kinds.STRAGGLER, straggler_report.describe(), rank=env.rank)
+        self.nan_streak = _check_loss(result, step, self.nan_streak, self.cfg, env, self.alerts,
+                                      run.ckpt)
+        save_start = time.monotonic()
+        run.ckpt.maybe_save(step, consumed)
+        self.report.step(step, result, step_s, consumed, checkpoint_blocking_s=time.monotonic()
+                         - save_start, straggler=check)
+        if self.stop.requested(device="cuda" if self.use_gpu else "cpu"):
+            log.warning("stop signal: saving step %d, then exiting for requeue", step)
+            run.ckpt.save(step, consumed, blocking=True)
+            if self.stop.wants_requeue and env.rank == 0:
+                (Path(self.cfg.run_dir) / REQUEUE_REQUEST).touch()
+            raise SystemExit(self.stop.exit_code)
+        return consumed
+
+    def close(self, step: int, consumed: int) -> None:
+        """After the last step: the exit save and pending commits, then the watchers."""
+        self.run.ckpt.close(step, consumed)
+        self.watchdog.close()
+        self.report.close()
+
+
 def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Alerts) -> None:
     t = cfg.train
     run = build(cfg, env, layout, use_gpu, alerts)
     resume = run.ckpt.load_latest()
     start_step, consumed = resume.step, resume.consumed_samples
-    report = StepReporter(cfg, env, layout, use_gpu, start_step)
-    watchdog = Watchdog.from_config(cfg, rank=env.rank, run_dir=Path(cfg.run_dir),
-                                    on_hang=functools.partial(alerts.send_now, alert_kinds.HANG,
-                                                              rank=env.rank))
-    straggler = StragglerDetector.from_config(cfg, group=None, rank=env.rank, hostname=env.hostname)
-    stop = StopSignals(cfg.cluster.signal)
+    loop = Loop.start(cfg, env, layout, use_gpu, alerts, run, start_step)
     log.info("training %s with %s on %d ranks (%s) from step %d", cfg.model.name,
              layout.describe(), env.world_size, "GPU" if use_gpu else "CPU, gloo", start_step)
     if env.rank == 0:
         alerts.send(alert_kinds.START, f"from step {start_step} of {t.steps}", rank=env.rank,
                     fields=_start_fields(cfg, layout, env, use_gpu))
-    nan_streak = 0
     for step in range(start_step + 1, t.steps + 1):
-        step_start = time.monotonic()
-        result = train_step(run.model, run.optimizer, run.scheduler,
-                            microbatches(run.dataset, run.plan, consumed),
-                            num_microbatches=run.plan.num_microbatches, seq_length=t.seq_length,
-                            micro_batch_size=t.micro_batch_size)
-        consumed += t.global_batch_size  # a skipped batch is consumed too, never retried
-        step_s = time.monotonic() - step_start
-        watchdog.beat()
-        check = straggler.step(step_s)
-        for straggler_report in check.reports if check and env.rank == 0 else []:
-            log.warning("straggler: %s", straggler_report.describe())  # the same on every rank
-            alerts.send(alert_kinds.STRAGGLER, straggler_report.describe(), rank=env.rank)
-        nan_streak = _check_loss(result, step, nan_streak, cfg, env, alerts, run.ckpt)
-        save_start = time.monotonic()
-        run.ckpt.maybe_save(step, consumed)
-        report.step(step, result, step_s, consumed, checkpoint_blocking_s=time.monotonic()
-                    - save_start, straggler=check)
-        if stop.requested(device="cuda" if use_gpu else "cpu"):
-            log.warning("stop signal: saving step %d, then exiting for requeue", step)
-            run.ckpt.save(step, consumed, blocking=True)
-            if stop.wants_requeue and env.rank == 0:
-                (Path(cfg.run_dir) / REQUEUE_REQUEST).touch()
-            raise SystemExit(stop.exit_code)
-    run.ckpt.close(max(start_step, t.steps), consumed)
-    watchdog.close()
-    report.close()
+        consumed = loop.step(step, consumed)
+    loop.close(max(start_step, t.steps), consumed)
     if env.rank == 0:
         alerts.send(alert_kinds.COMPLETE, f"finished {t.steps} steps", rank=env.rank)
     log.info("finished %d steps", t.steps)
