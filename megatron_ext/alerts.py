@@ -6,9 +6,9 @@ timeout, so a Slack outage costs the training step microseconds. The webhook URL
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import queue
 import socket
 import sys
 import threading
@@ -18,6 +18,7 @@ from typing import Optional, Union
 from slack_sdk.webhook import WebhookClient
 
 from launch.schema import RunConfig
+from megatron_ext.background import BackgroundWorker
 
 log = logging.getLogger("megatron_ext.alerts")
 # slack_sdk logs the full URL at DEBUG; its own quiet logger keeps the secret out of any log.
@@ -77,11 +78,9 @@ class Alerts:
         self._min_interval_s, self._retries, self._backoff_s = min_interval_s, retries, backoff_s
         self._wandb_alerts = wandb_alerts
         self._last_sent: dict[tuple[str, int], float] = {}
-        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_SIZE)
-        self._pending = 0
-        self._idle = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="alerts", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()  # send() is called from the loop and the watchdog
+        self._worker = BackgroundWorker("alerts", on_error=self._not_delivered,
+                                        max_backlog=_QUEUE_SIZE)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, *, rank: int) -> Union["Alerts", "NullAlerts"]:
@@ -104,16 +103,13 @@ class Alerts:
         """
         assert kind in _STYLE, f"unknown alert kind {kind!r}; use one of {KINDS}"
         now = time.monotonic()
-        with self._idle:
+        with self._lock:
             last = self._last_sent.get((kind, rank))
             if last is not None and now - last < self._min_interval_s:
                 return False
             self._last_sent[(kind, rank)] = now
-            self._pending += 1
-        try:
-            self._queue.put_nowait((kind, text, rank, fields))
-        except queue.Full:
-            self._done()
+        if not self._worker.submit(kind, functools.partial(self._deliver, kind, text, rank,
+                                                           fields)):
             log.warning("alert backlog full; dropped a %s alert", kind)
             return False
         return True
@@ -126,35 +122,16 @@ class Alerts:
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every queued alert was posted or given up on; False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        with self._idle:
-            while self._pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(left)
-        return True
+        return self._worker.wait(timeout_s)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Flush, then stop; a worker stuck on a dead endpoint dies with the process."""
-        if self.flush(timeout_s):
-            self._queue.put(None)
-            self._thread.join(timeout=1.0)
+        self._worker.close(timeout_s)
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            kind, text, rank, fields = item
-            try:
-                self._deliver(kind, text, rank, fields)
-            except Exception as e:  # an alert must never take the rank down
-                log.warning("alert %s not delivered: %s", kind, type(e).__name__)
-            finally:
-                self._done()
-
-    def _done(self) -> None:
-        with self._idle:
-            self._pending -= 1
-            self._idle.notify_all()
+    @staticmethod
+    def _not_delivered(kind: str, exc: Exception) -> None:
+        # The type only: a message could carry the webhook URL.
+        log.warning("alert %s not delivered: %s", kind, type(exc).__name__)
 
     def _deliver(self, kind: str, text: str, rank: int, fields: Optional[dict]) -> None:
         body = render(kind, text, run_name=self._run_name, rank=rank, hostname=self._hostname,

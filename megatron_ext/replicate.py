@@ -28,6 +28,7 @@ from boto3.s3.transfer import TransferConfig
 
 from launch.schema import CheckpointConfig
 from megatron_ext import commit
+from megatron_ext.background import BackgroundWorker
 
 log = logging.getLogger("megatron_ext.replicate")
 
@@ -55,10 +56,7 @@ class S3Replicator:
         self._bucket, _, prefix = self.uri.removeprefix("s3://").partition("/")
         self._prefix = prefix.strip("/")
         self._client, self._on_failure = client, on_failure
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending = 0
-        self._idle = threading.Condition()
-        threading.Thread(target=self._run, name="s3-replicate", daemon=True).start()
+        self._jobs = BackgroundWorker("s3-replicate", on_error=self._report)
 
     @classmethod
     def from_config(cls, cfg: CheckpointConfig, *, rank: int,
@@ -72,16 +70,15 @@ class S3Replicator:
 
     def upload(self, folder: Path) -> None:
         """Queue a copy of a committed folder; skipped if S3 holds this very copy already."""
-        self._enqueue(f"upload of {folder}", functools.partial(self._upload, folder))
+        self._jobs.submit(f"upload of {folder}", functools.partial(self._upload, folder))
 
     def delete(self, name: str) -> None:
         """Queue the removal of the copy of checkpoint folder ``name``."""
-        self._enqueue(f"deletion of {name}", functools.partial(self._delete, name))
+        self._jobs.submit(f"deletion of {name}", functools.partial(self._delete, name))
 
     def wait(self, timeout_s: float) -> bool:
         """Block until everything queued so far was copied or failed; False on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout_s)
+        return self._jobs.wait(timeout_s)
 
     def close(self, timeout_s: float) -> None:
         """Return at once; the process exits when the queued copies end, or after ``timeout_s``.
@@ -97,26 +94,13 @@ class S3Replicator:
                         "exiting without them (the next job with this checkpoint.dir uploads "
                         "what %s lacks)", timeout_s, self.uri)
 
-    def _enqueue(self, what: str, job: Callable[[], None]) -> None:
-        with self._idle:
-            self._pending += 1
-        self._jobs.put((what, job))
-
-    def _run(self) -> None:
-        while True:
-            what, job = self._jobs.get()
-            try:
-                job()
-            except Exception as exc:  # a copy must never take training down
-                message = f"S3 {what} ({self.uri}) failed: {type(exc).__name__}: {exc}"
-                log.error("%s", message)
-                if self._on_failure is not None:
-                    with contextlib.suppress(Exception):  # logged above; copies must go on
-                        self._on_failure(message)
-            finally:
-                with self._idle:
-                    self._pending -= 1
-                    self._idle.notify_all()
+    def _report(self, what: str, exc: Exception) -> None:
+        """A failed copy: logged and passed to ``on_failure``; the copies after it go on."""
+        message = f"S3 {what} ({self.uri}) failed: {type(exc).__name__}: {exc}"
+        log.error("%s", message)
+        if self._on_failure is not None:
+            with contextlib.suppress(Exception):  # logged above; copies must go on
+                self._on_failure(message)
 
     def _key(self, name: str, relative: str = "") -> str:
         """``<prefix>/<name>/<relative>``: the slash keeps step_100000 off step_1000000."""
