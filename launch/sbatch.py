@@ -19,7 +19,7 @@ from typing import Any
 
 from submitit.slurm.slurm import _make_sbatch_string
 
-from launch.schema import REQUEUE_REQUEST, ClusterConfig, RunConfig
+from launch.schema import ALERTS_SENT, REQUEUE_REQUEST, ClusterConfig, RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,7 +89,8 @@ def slurm_params(cfg: RunConfig, repo: Path = REPO) -> dict[str, Any]:
     params: dict[str, Any] = {
         "job_name": cfg.name, "nodes": c.nodes, "ntasks_per_node": c.gpus_per_node,
         "cpus_per_task": c.cpus_per_task, "time": c.timeout_min, "wckey": None,
-        "setup": _setup_lines(c, repo) + [f"rm -f {_requeue_request(cfg)}"],
+        "setup": _setup_lines(c, repo) + [
+            f"rm -rf {_requeue_request(cfg)} {shlex.quote(str(Path(cfg.run_dir) / ALERTS_SENT))}"],
         "teardown": _teardown_lines(cfg),
         "srun_args": _srun_args(c),
         # submitit's own --signal (USR2@90) is for its pickled wrapper, which is not used here.

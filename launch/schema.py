@@ -25,6 +25,10 @@ RECOMPUTE = ("none", "selective", "full")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 DATA_KINDS = ("synthetic", "indexed")
 NAN_ACTIONS = ("stop", "skip")
+ALERTS_SENT = "alerts-sent"
+"""Folder in ``run_dir`` where the first rank to send a job-wide alert (a failure, a hang) of a
+job attempt claims it, so 256 ranks hitting the same failure post one alert; cleared for each
+attempt by the launcher and the batch script."""
 REQUEUE_REQUEST = "requeue-request"
 """File in ``run_dir`` rank 0 creates after saving on the pre-timeout signal; the batch script
 then requeues the job. A file, not an exit code: ranks exit 0 so that ``srun

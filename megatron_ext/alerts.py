@@ -13,11 +13,12 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Optional, Union
 
 from slack_sdk.webhook import WebhookClient
 
-from launch.schema import RunConfig
+from launch.schema import ALERTS_SENT, RunConfig
 from megatron_ext.background import BackgroundWorker
 
 log = logging.getLogger("megatron_ext.alerts")
@@ -48,6 +49,9 @@ _STYLE = {
     NAN_LOSS: (":warning:", "loss is NaN or spiking", "ERROR"),
 }
 KINDS = tuple(_STYLE)
+ONCE_PER_JOB = (FAILURE, HANG)
+"""Kinds every rank tends to hit together (peers of a dead rank fail in their collectives; a
+stuck collective trips every watchdog): only the first rank of the job attempt posts them."""
 _QUEUE_SIZE = 64  # alerts beyond this backlog are dropped rather than held in memory
 
 
@@ -66,17 +70,39 @@ def render(kind: str, text: str, *, run_name: str, rank: int, hostname: str,
     return "\n".join(lines)
 
 
+def first_to_claim(claim: Path, who: str) -> Optional[str]:
+    """Claim ``claim`` for ``who``: None if this call did, else who had (O_EXCL create, atomic
+    on the shared run folder, also on Lustre/FSx). Fails open: no folder to agree through means
+    every rank alerts rather than none."""
+    try:
+        claim.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            return claim.read_text() or "another rank"
+        except OSError:
+            return "another rank"
+    except OSError:
+        return None
+    with os.fdopen(fd, "w") as f:
+        f.write(who)
+    return None
+
+
 class Alerts:
     """Rate-limited, de-duplicated alerts posted from a background thread."""
 
     def __init__(self, url: Optional[str], *, run_name: str, min_interval_s: float,
                  timeout_s: float, retries: int, wandb_alerts: bool = False,
-                 backoff_s: float = 1.0, hostname: Optional[str] = None) -> None:
+                 backoff_s: float = 1.0, hostname: Optional[str] = None,
+                 claims_dir: Optional[Path] = None) -> None:
+        """``claims_dir``: the folder, shared by all ranks, where ``ONCE_PER_JOB`` alerts are
+        claimed; None sends them from every rank."""
         self._client = (WebhookClient(url, timeout=timeout_s, retry_handlers=[], logger=_slack_log)
                         if url else None)
         self._run_name, self._hostname = run_name, hostname or socket.gethostname()
         self._min_interval_s, self._retries, self._backoff_s = min_interval_s, retries, backoff_s
-        self._wandb_alerts = wandb_alerts
+        self._wandb_alerts, self._claims_dir = wandb_alerts, claims_dir
         self._last_sent: dict[tuple[str, int], float] = {}
         self._lock = threading.Lock()  # send() is called from the loop and the watchdog
         self._worker = BackgroundWorker("alerts", on_error=self._not_delivered,
@@ -93,7 +119,8 @@ class Alerts:
         if not url and not wandb_alerts:
             return NullAlerts()
         return cls(url, run_name=cfg.name, min_interval_s=slack.min_interval_s,
-                   timeout_s=slack.timeout_s, retries=slack.retries, wandb_alerts=wandb_alerts)
+                   timeout_s=slack.timeout_s, retries=slack.retries, wandb_alerts=wandb_alerts,
+                   claims_dir=Path(cfg.run_dir) / ALERTS_SENT)
 
     def send(self, kind: str, text: str, *, rank: int, fields: Optional[dict] = None) -> bool:
         """Queue an alert unless one of this kind from this rank went out recently.
@@ -108,6 +135,11 @@ class Alerts:
             if last is not None and now - last < self._min_interval_s:
                 return False
             self._last_sent[(kind, rank)] = now
+        if kind in ONCE_PER_JOB and self._claims_dir is not None:
+            first = first_to_claim(self._claims_dir / kind, f"rank {rank} on {self._hostname}")
+            if first is not None:
+                log.warning("%s alert not sent: %s sent this job's", kind, first)
+                return False
         if not self._worker.submit(kind, functools.partial(self._deliver, kind, text, rank,
                                                            fields)):
             log.warning("alert backlog full; dropped a %s alert", kind)

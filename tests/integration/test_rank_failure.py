@@ -11,6 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from launch.schema import ALERTS_SENT
+from tests.slack_receiver import Receiver
+
 pytestmark = pytest.mark.slow
 
 
@@ -28,13 +31,15 @@ def _rank_pid(config_marker: str, rank: int) -> int:
                 if psutil.Process(pid).environ()["SUBMITIT_LOCAL_GLOBALID"] == str(rank))
 
 
-def _launch_and_wait_for_steps(workdir: Path, name: str, *overrides: str,
-                               steps: int = 5) -> tuple[subprocess.Popen, Path]:
+def _launch_and_wait_for_steps(workdir: Path, name: str, *overrides: str, steps: int = 5,
+                               env: dict[str, str] | None = None
+                               ) -> tuple[subprocess.Popen, Path]:
     """A 2-rank local job of 300 steps, returned once ``steps`` of them are in metrics.jsonl."""
     launch = subprocess.Popen(
         [sys.executable, "-m", "launch", f"name={name}", "train.steps=300",
          "checkpoint.save_interval=0", *overrides],
-        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})})
     launches = workdir / "runs" / name / "launches"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # wait until training is really under way
@@ -46,10 +51,18 @@ def _launch_and_wait_for_steps(workdir: Path, name: str, *overrides: str,
     pytest.fail(f"{name}: fewer than {steps} steps in 180 s")
 
 
-def test_sigkill_of_one_rank_ends_the_job_non_zero(workdir: Path) -> None:
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def test_sigkill_of_one_rank_ends_the_job_non_zero(workdir: Path, receiver: Receiver) -> None:
     name = "killed-rank"
-    launch, run_dir = _launch_and_wait_for_steps(workdir, name,
-                                                 "resilience.collective_timeout_s=60")
+    launch, run_dir = _launch_and_wait_for_steps(
+        workdir, name, "resilience.collective_timeout_s=60", "logging.slack.enabled=true",
+        env={"SLACK_WEBHOOK_URL": receiver.url})
     os.kill(_rank_pid(f"runs/{name}/", rank=1), signal.SIGKILL)
     killed_at = time.monotonic()
     stdout, stderr = launch.communicate(timeout=60 + 30)  # collective timeout + 30 s
@@ -58,6 +71,9 @@ def test_sigkill_of_one_rank_ends_the_job_non_zero(workdir: Path) -> None:
     assert time.monotonic() - killed_at < 90
     assert _rank_pids(f"runs/{name}/") == []  # no rank left hanging
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) < 300
+    failures = [post for post in receiver.posts if " failed (rank 0 on" in post]
+    assert len(failures) == 1, receiver.posts  # the survivor's error, claimed for the job
+    assert (run_dir / ALERTS_SENT / "failure").read_text().startswith("rank 0 on")
 
 
 WATCHDOG_S = 10

@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from launch.prepare import write_run_dir
+from launch.schema import ALERTS_SENT
 from megatron_ext import alerts
 from megatron_ext.alerts import Alerts, NullAlerts
 from tests.conftest import make_config
@@ -101,3 +103,36 @@ def test_null_alerts_do_nothing():
     assert a.flush(0.0)
     a.send_now(alerts.HANG, "x", rank=0)
     a.close()
+
+
+def test_a_failure_every_rank_hits_is_posted_once_per_job_attempt(receiver, tmp_path, caplog):
+    claims = tmp_path / "alerts-sent"
+    ranks = [make_alerts(receiver.url, claims_dir=claims, hostname=f"node-{r}") for r in range(4)]
+    sent = [a.send(alerts.FAILURE, f"RuntimeError on rank {r}", rank=r)
+            for r, a in enumerate(ranks)]
+    sent += [a.send(alerts.HANG, "no step for 600 s", rank=r) for r, a in enumerate(ranks)]
+    sent += [a.send(alerts.STRAGGLER, "rank 2 is slow", rank=r) for r, a in enumerate(ranks)]
+    for a in ranks:
+        a.close(5.0)
+    assert sent == [True, False, False, False] * 2 + [True] * 4  # per-rank kinds unchanged
+    texts = sorted(p.splitlines()[1] for p in receiver.posts)  # 4 ranks post concurrently
+    assert texts == ["RuntimeError on rank 0", "no step for 600 s"] + ["rank 2 is slow"] * 4
+    assert "failure alert not sent: rank 0 on node-0 sent this job's" in caplog.text
+
+
+def test_without_a_shared_folder_every_rank_still_alerts(receiver, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # the claims folder cannot be created under a file
+    ranks = [make_alerts(receiver.url, claims_dir=blocked / "alerts-sent") for _ in range(2)]
+    assert [a.send(alerts.FAILURE, "boom", rank=r) for r, a in enumerate(ranks)] == [True, True]
+    for a in ranks:
+        a.close(5.0)
+    assert len(receiver.posts) == 2
+
+
+def test_a_new_launch_into_the_same_run_folder_alerts_afresh(tmp_path):
+    claims = tmp_path / ALERTS_SENT
+    claims.mkdir()
+    (claims / alerts.FAILURE).write_text("rank 3 on node-c")  # left by the previous attempt
+    write_run_dir(make_config(run_dir=str(tmp_path)))
+    assert not claims.exists()

@@ -17,7 +17,7 @@ import pytest
 from launch import sbatch
 from launch.config import with_values
 from launch.submit import dry_run_text, executor_params, shared_fs_problems
-from launch.schema import REQUEUE_REQUEST
+from launch.schema import ALERTS_SENT, REQUEUE_REQUEST
 from megatron_ext.signals import StopSignals
 from tests.conftest import REPO, make_config
 
@@ -127,7 +127,9 @@ def test_values_reach_the_environment_verbatim(tmp_path: Path) -> None:
 def test_the_script_requeues_when_rank_0_asks() -> None:
     text = _render("cluster=pcs_p5")
     request = f"/fsx/runs/llama/launches/2025-01-01_00-00-00/{REQUEUE_REQUEST}"
-    assert f"rm -f {request}\n" in text.split("# command")[0]  # a stale request from a rerun
+    claims = f"/fsx/runs/llama/launches/2025-01-01_00-00-00/{ALERTS_SENT}"
+    # a stale request, and the alert claims of the previous attempt, go before srun
+    assert f"rm -rf {request} {claims}\n" in text.split("# command")[0]
     assert (f'if [ -e {request} ]; then rm -f {request}; scontrol requeue "$SLURM_JOB_ID"; fi'
             in text)
     assert "scontrol requeue" not in _render("cluster=pcs_p5", "cluster.requeue=false")
