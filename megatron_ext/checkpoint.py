@@ -208,14 +208,19 @@ class Checkpointer:
         dist.barrier()  # nobody sees the step as saved before it is visible
         self.last_committed_step, self._in_flight = step, None
 
-    def close(self, step: int, consumed_samples: int) -> None:
-        """After the last step: the exit save (``save_on_exit``), then wait for every commit."""
+    def close(self, step: int, consumed_samples: int, *,
+              s3_timeout_s: float | None = None) -> None:
+        """After the last step: the exit save (``save_on_exit``), then wait for every commit.
+
+        S3 copies still running may hold the exit ``s3_timeout_s`` more seconds (default
+        ``checkpoint.s3_exit_timeout_s``; a stop signal passes the time left before the limit).
+        """
         if self.cfg.save_on_exit:
             self.save(step, consumed_samples, blocking=True)
         self._finalize(blocking=True)
         if self._queue is not None:
             self._queue.close()
-        self._replica.close(self.cfg.s3_exit_timeout_s)
+        self._replica.close(self.cfg.s3_exit_timeout_s if s3_timeout_s is None else s3_timeout_s)
 
     # -- loading -------------------------------------------------------------------------
     def load_latest(self) -> Resume:

@@ -90,8 +90,8 @@ class S3Replicator:
 
     def _finish(self, timeout_s: float) -> None:
         if not self.wait(timeout_s):
-            log.warning("S3 copies still running after checkpoint.s3_exit_timeout_s=%g s; "
-                        "exiting without them (the next job with this checkpoint.dir uploads "
+            log.warning("S3 copies still running after %g s (checkpoint.s3_exit_timeout_s, or "
+                        "the time left after a stop signal); exiting without them (the next job with this checkpoint.dir uploads "
                         "what %s lacks)", timeout_s, self.uri)
 
     def _report(self, what: str, exc: Exception) -> None:

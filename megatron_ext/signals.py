@@ -15,6 +15,7 @@ loop asks ``requested()``, which all-reduces the flag so every rank stops at the
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any
 
 import torch
@@ -27,7 +28,10 @@ class StopSignals:
     """Installed once per rank before the loop; ``requested()`` is a collective call."""
 
     def __init__(self, cluster_signal: str = "USR1@120") -> None:
-        self.timeout_signal = signal.Signals["SIG" + cluster_signal.split("@")[0]]
+        name, _, lead = cluster_signal.partition("@")
+        self.timeout_signal = signal.Signals["SIG" + name]
+        self._lead_s = float(lead)  # the signal comes this long before the time limit
+        self._received_at: float | None = None
         self._received = 0
         self._agreed = 0
         signal.signal(self.timeout_signal, self._on_signal)
@@ -36,6 +40,8 @@ class StopSignals:
     def _on_signal(self, signum: int, frame: Any) -> None:
         kind = _TERMINATE if signum == signal.SIGTERM else _TIMEOUT
         self._received = max(self._received, kind)
+        if self._received_at is None:
+            self._received_at = time.monotonic()
 
     def requested(self, device: torch.device | str = "cpu") -> bool:
         """True on every rank once any rank got a signal (one scalar all-reduce per call)."""
@@ -53,3 +59,11 @@ class StopSignals:
     @property
     def exit_code(self) -> int:
         return 0 if self.wants_requeue else 128 + signal.SIGTERM
+
+    def seconds_left(self, *, margin_s: float = 30.0) -> float:
+        """After this rank got the pre-timeout signal: seconds to the time limit, less
+        ``margin_s`` for the batch script to requeue; 0 otherwise (after SIGTERM Slurm kills
+        the job KillWait seconds later, and requeues it itself)."""
+        if not self.wants_requeue or self._received_at is None:
+            return 0.0
+        return max(0.0, self._lead_s - (time.monotonic() - self._received_at) - margin_s)

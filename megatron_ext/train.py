@@ -183,6 +183,9 @@ class Loop:
         if self.stop.requested(device="cuda" if self.use_gpu else "cpu"):
             log.warning("stop signal: saving step %d, then exiting for requeue", step)
             run.ckpt.save(step, consumed, blocking=True)
+            # rank 0's S3 copy of it may use the time left before the limit
+            run.ckpt.close(step, consumed, s3_timeout_s=self.stop.seconds_left())
+            self.watchdog.close()  # no step follows; waiting for the copy is not a hang
             if self.stop.wants_requeue and env.rank == 0:
                 (Path(self.cfg.run_dir) / REQUEUE_REQUEST).touch()
             raise SystemExit(self.stop.exit_code)

@@ -2,21 +2,40 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from moto.server import ThreadedMotoServer
+from moto.moto_server.werkzeug_app import (DomainDispatcherApplication, MotoRequestHandler,
+                                           create_backend_app)
+from werkzeug.serving import make_server
+
+
+def _slow_writes(app: Callable[..., Any], delay_s: float) -> Callable[..., Any]:
+    """Every PUT (an object or a part of one) waits ``delay_s`` first: a slow link to S3."""
+    def delayed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ["REQUEST_METHOD"] == "PUT":
+            time.sleep(delay_s)
+        return app(environ, start_response)
+    return delayed
 
 
 @contextlib.contextmanager
-def s3_endpoint() -> Iterator[str]:
-    """The URL of an in-memory S3 on 127.0.0.1 for as long as the block runs."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+def s3_endpoint(*, put_delay_s: float = 0.0) -> Iterator[str]:
+    """The URL of an in-memory S3 on 127.0.0.1 for as long as the block runs (moto's
+    ThreadedMotoServer, with the application wrapped when writes should be slow)."""
+    app = DomainDispatcherApplication(create_backend_app)
+    server = make_server("127.0.0.1", 0, _slow_writes(app, put_delay_s) if put_delay_s else app,
+                         threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, name="moto-s3", daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
     try:
         yield f"http://{host}:{port}"
     finally:
-        server.stop()
+        server.shutdown()
+        thread.join()
 
 
 def aws_env(endpoint: str) -> dict[str, str]:

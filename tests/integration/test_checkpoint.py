@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from launch.config import compose, to_run_config, to_yaml
+from launch.schema import REQUEUE_REQUEST
 from megatron_ext import commit
 from megatron_ext.replicate import s3_client
 from tests.conftest import run_launch
@@ -242,3 +243,30 @@ def test_committed_checkpoints_are_copied_to_s3_and_a_rerun_completes_cut_short_
         rerun = run_launch(*run, cwd=workdir)  # resumes at the last step, trains no more
         assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
         assert _bucket_copy(bucket, "runs/") == local
+
+
+def test_the_s3_copy_of_the_pre_timeout_save_finishes_before_the_rank_exits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slurm's pre-timeout signal: the ranks save, and rank 0 stays until that save is in S3
+    (within the time left before the limit), so a job that is not requeued still has it."""
+    bucket, run_dir = "ckpt-stop", tmp_path / "run"
+    with s3_endpoint(put_delay_s=3.0) as endpoint:  # the copy outlasts the rank's own exit
+        for key, value in aws_env(endpoint).items():  # torchrun's ranks inherit it
+            monkeypatch.setenv(key, value)
+        s3_client().create_bucket(Bucket=bucket)
+        config = _config(run_dir, tmp_path / "ckpt", "train.steps=300", "checkpoint.save_interval=0",
+                         "cluster.signal=USR1@120", f"checkpoint.s3_uri=s3://{bucket}/runs")
+        job = subprocess.Popen(_torchrun_argv(config), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while len(_losses(run_dir)) < 3 and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        for rank in psutil.Process(job.pid).children():  # as Slurm signals every task
+            rank.send_signal(signal.SIGUSR1)
+        output, _ = job.communicate(timeout=120)
+        assert job.returncode == 0, output[-3000:]
+        saved = next((tmp_path / "ckpt").glob("step_*"))
+        assert f"checkpoint {saved.name} copied to s3://{bucket}/runs/{saved.name}/" in output
+        copy = _bucket_copy(bucket, "runs/")
+    assert copy == _local_copy(tmp_path / "ckpt") and f"{saved.name}/{commit.MARKER}" in copy
+    assert (run_dir / REQUEUE_REQUEST).exists()

@@ -184,7 +184,7 @@ def test_a_hung_endpoint_holds_the_exit_no_longer_than_the_timeout(tmp_path: Pat
                                           timeout_s=2)
     assert proc.returncode == 0, proc.stderr
     assert "close returned after 0.0" in proc.stdout
-    assert "S3 copies still running after checkpoint.s3_exit_timeout_s=2 s" in proc.stderr
+    assert "S3 copies still running after 2 s" in proc.stderr
     assert elapsed < 2 + 15  # the timeout plus interpreter and boto3 start-up
 
 

@@ -144,6 +144,9 @@ def test_a_signal_sets_the_flag_the_loop_polls(signame: str, code: int, requeue:
         assert not stop.requested()
         os.kill(os.getpid(), getattr(signal, signame))
         assert stop.requested() and stop.exit_code == code and stop.wants_requeue == requeue
+        # what an S3 copy of the stop save may still use: to the limit, less the requeue margin
+        left = stop.seconds_left(margin_s=30)
+        assert 85 < left <= 90 if requeue else left == 0  # SIGTERM: Slurm kills KillWait later
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
