@@ -34,7 +34,7 @@ from megatron_ext.reporting import StepReporter
 from megatron_ext.signals import StopSignals
 from megatron_ext.step import StepResult, train_step
 from megatron_ext.straggler import NullStragglerDetector, StragglerDetector
-from megatron_ext.watchdog import NullWatchdog, Watchdog
+from megatron_ext.watchdog import NullWatchdog, Watchdog, record_collectives
 from tools.memory import predict
 
 log = logging.getLogger("megatron_ext.train")
@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("train.recompute=%s needs GPU ranks: megatron-core's recomputation creates "
                   "CUDA tensors in backward; use train.recompute=none on CPU", cfg.train.recompute)
         return 2
-    if not use_gpu:
+    if use_gpu:
+        record_collectives()  # before the NCCL group exists, for the watchdog's hang dump
+    else:
         torch.set_num_threads(cfg.cluster.cpus_per_task)  # ranks share the cores; don't oversubscribe
     alerts = Alerts.from_config(cfg, rank=env.rank)
     with contextlib.nullcontext() if use_gpu else cpu_mode():

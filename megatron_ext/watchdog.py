@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import MutableMapping
 from typing import Callable, Optional, Union
 
 from launch.schema import RunConfig
@@ -126,8 +127,8 @@ class Watchdog:
 def _dump_nccl_flight_recorder(path: Path) -> None:
     """NCCL's record of recent collectives shows which one each rank is stuck in.
 
-    Only when torch is loaded with CUDA; the buffer is filled only if the job set
-    TORCH_NCCL_TRACE_BUFFER_SIZE > 0 (otherwise the dump is empty but harmless).
+    Only when torch is loaded with CUDA; GPU ranks turn the recorder on at start
+    (``record_collectives``).
     """
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available():
@@ -135,6 +136,19 @@ def _dump_nccl_flight_recorder(path: Path) -> None:
     dump = getattr(torch._C._distributed_c10d, "_dump_nccl_trace", None)
     if dump is not None:
         path.write_bytes(dump())
+
+
+FLIGHT_RECORDER_ENV = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")  # new, old name
+FLIGHT_RECORDER_ENTRIES = 2000  # collectives kept per rank; torch's tutorial value
+
+
+def record_collectives(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Turn NCCL's flight recorder on, so the hang dump holds the collectives each rank was in.
+
+    Must run before the NCCL process group exists; a size the job exported wins.
+    """
+    for name in FLIGHT_RECORDER_ENV:
+        environ.setdefault(name, str(FLIGHT_RECORDER_ENTRIES))
 
 
 class NullWatchdog:

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from launch.watch_schema import WatchdogConfig
-from megatron_ext.watchdog import EXIT_CODE_HANG, NullWatchdog, Watchdog, hang_timeout
+from megatron_ext.watchdog import (EXIT_CODE_HANG, NullWatchdog, Watchdog, hang_timeout,
+                                   record_collectives)
 from tests.conftest import REPO, make_config
 
 TIMEOUT_S = 0.5  # the derived timeout in the script: max(min_timeout_s, 5 x 20 ms steps)
@@ -90,3 +91,9 @@ def test_disabled_watchdog_is_a_null_object():
     assert isinstance(watchdog, NullWatchdog)
     watchdog.beat()
     watchdog.close()
+
+
+def test_gpu_ranks_turn_the_nccl_flight_recorder_on_unless_the_job_sized_it():
+    environ = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "50"}  # exported by the user: kept
+    record_collectives(environ)
+    assert environ == {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_TRACE_BUFFER_SIZE": "50"}
