@@ -88,6 +88,7 @@ def test_stopped_at_step_k_and_resumed_gives_the_same_losses_bitwise(reference, 
     result = run_launch("name=ckpt-resume", *TRAIN, cwd=workdir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resumed from" in result.stdout and "step 4, 64 samples consumed" in result.stdout
+    assert "checksums of" in result.stdout and "verified in" in result.stdout  # before the load
     resumed = {row["step"]: row["loss"] for row in read_metrics(workdir, "ckpt-resume")}
     assert resumed == _after(ref_losses, 4)  # exact float equality: same data, same state
 
