@@ -2,11 +2,16 @@
 
 The global loss is known on every rank before the update, so a non-finite one is never
 applied: the weights stay those of the last good step whatever ``train.on_nan`` does next.
+
+Each rank also times its own forward passes (batch fetch included): the straggler measure.
+Whole-step times are useless for that, since every rank waits for the slowest in the
+gradient all-reduce and ends the step at the same moment.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -30,6 +35,9 @@ class StepResult:
     applied: bool
     """False when the optimizer update was not applied: a non-finite loss (its gradients would
     poison the weights) or megatron's own skip; the lr schedule then does not advance either."""
+    forward_s: float = 0.0
+    """Seconds this rank spent in its own forward passes (fetching the batch included), free of
+    the waits for other ranks that even out whole-step times; what straggler detection compares."""
 
 
 def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -53,6 +61,35 @@ def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch
     return output, partial(_loss, batch["loss_mask"].to(device) if last else None)
 
 
+class _ForwardClock:
+    """Times the forward step function: CUDA events on GPU (read once the step has synced; a
+    GPU idle while its host fetches the batch counts too), the wall clock on CPU."""
+
+    def __init__(self, on_gpu: bool) -> None:
+        self._on_gpu, self._cpu_s = on_gpu, 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def timed(self, forward_step: Callable) -> Callable:
+        def run(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
+            if self._on_gpu:  # megatron passes exactly these two arguments
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                out = forward_step(data_iterator, model)
+                end.record()
+                self._events.append((start, end))
+                return out
+            began = time.perf_counter()
+            out = forward_step(data_iterator, model)
+            self._cpu_s += time.perf_counter() - began
+            return out
+        return run
+
+    def seconds(self) -> float:
+        if self._events:
+            self._events[-1][1].synchronize()
+        return self._cpu_s + sum(start.elapsed_time(end) for start, end in self._events) / 1000
+
+
 def _global_loss(losses: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[float, int]:
     """Every rank learns the global batch's loss, so any rank can act on a NaN."""
     total = torch.zeros(2, device=device)
@@ -70,11 +107,12 @@ def train_step(model: list[torch.nn.Module], optimizer: MegatronOptimizer,
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    device = next(model[0].parameters()).device
+    clock = _ForwardClock(on_gpu=device.type == "cuda")
     losses = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=clock.timed(_forward_step),
         data_iterator=[batches] * len(model), model=model, num_microbatches=num_microbatches,
         seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
-    device = next(model[0].parameters()).device
     loss, tokens = _global_loss(losses, device)  # every rank decides the same way
     applied, grad_norm = False, math.nan
     if math.isfinite(loss):
@@ -83,4 +121,4 @@ def train_step(model: list[torch.nn.Module], optimizer: MegatronOptimizer,
     if applied:
         scheduler.step(increment=1)
     return StepResult(loss=loss, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"],
-                      tokens=tokens, applied=applied)
+                      tokens=tokens, applied=applied, forward_s=clock.seconds())

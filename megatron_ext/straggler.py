@@ -1,9 +1,11 @@
 """Straggler detection: which rank makes everyone else wait, and on which host.
 
 In synchronous training the slowest rank sets the step time, but the others only see longer
-collectives. Each rank times its own compute; every ``report_interval`` steps one all_gather
-of the per-rank mean compares them to the median. The caller times compute (CUDA events on
-GPU, wall clock on CPU) and decides what to do with the reports (log on rank 0, alert).
+collectives. Each rank times its own compute (its forward passes: ``StepResult.forward_s``);
+every ``report_interval`` steps one all_gather of the per-rank mean compares them to the
+median rank's (the lower median, so with 2 ranks the faster one is the yardstick). The caller
+decides what to do with the reports (log on rank 0, alert). Within a tensor-parallel group
+the ranks wait for each other inside the forward, so a slow GPU there shows as its group.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ class StragglerCheck:
 
 def find_stragglers(times: list[float], threshold: float) -> list[tuple[int, float]]:
     """(index, slowdown) of every entry above threshold x the median, slowest first."""
-    median = statistics.median(times)
+    median = statistics.median_low(times)
     if median <= 0:
         return []
     slow = [(i, t / median) for i, t in enumerate(times) if t > threshold * median]
@@ -84,7 +86,7 @@ class StragglerDetector:
         means = self._gather(self._total_s / self._steps)
         self._steps, self._total_s = 0, 0.0  # each interval judges only its own steps
         hostnames = self._gather_hostnames()
-        median = statistics.median(means)
+        median = statistics.median_low(means)
         reports = [StragglerReport(rank=self._global_ranks[i], hostname=hostnames[i],
                                    slowdown=slowdown, compute_s=means[i], median_s=median)
                    for i, slowdown in find_stragglers(means, self._threshold)]

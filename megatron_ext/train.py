@@ -170,7 +170,7 @@ class Loop:
         consumed += t.global_batch_size  # a skipped batch is consumed too, never retried
         step_s = time.monotonic() - step_start
         self.watchdog.beat()
-        check = self.straggler.step(step_s)
+        check = self.straggler.step(result.forward_s)
         for straggler_report in check.reports if check and env.rank == 0 else []:
             log.warning("straggler: %s", straggler_report.describe())  # the same on every rank
             self.alerts.send(alert_kinds.STRAGGLER, straggler_report.describe(), rank=env.rank)

@@ -39,8 +39,8 @@ def run_ranks(tmp_path: Path, url: str, nan_steps: str, *overrides: str
                       f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=3",
                       *overrides, run_dir=str(tmp_path / "run"))
     config = write_run_dir(cfg)
-    job = subprocess.run(torchrun_argv(str(REPO / "tests/integration/nan_rank.py"), str(config),
-                                       str(MICRO_BATCHES), nan_steps),
+    job = subprocess.run(torchrun_argv(str(REPO / "tests/integration/faulty_rank.py"), str(config),
+                                       "nan", str(MICRO_BATCHES), nan_steps),
                          env={**os.environ, "SLACK_WEBHOOK_URL": url, "PYTHONPATH": str(REPO),
                               "WANDB_DIR": str(tmp_path / "wandb-home"),
                               "WANDB_CACHE_DIR": str(tmp_path / "wandb-home"),
