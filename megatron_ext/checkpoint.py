@@ -191,6 +191,10 @@ class Checkpointer:
         if blocking:
             self._finalize(blocking=True)
 
+    def wait_for_commits(self) -> None:
+        """Block until the save in flight (if any) is committed; for stops without a save."""
+        self._finalize(blocking=True)
+
     def _finalize(self, *, blocking: bool) -> None:
         if self._queue is not None and self._in_flight is not None:
             self._queue.maybe_finalize_async_calls(blocking=blocking)

@@ -117,6 +117,7 @@ def _check_loss(result: StepResult, step: int, streak: int, cfg: RunConfig, env:
         if stop:
             alerts.flush(timeout_s=10.0)
     if stop:
+        ckpt.wait_for_commits()  # a save still being written holds pre-NaN weights: keep it
         raise NonFiniteLoss(f"{what}, {streak} in a row; stopping (train.on_nan={on_nan}); the "
                             f"last committed checkpoint is step {ckpt.last_committed_step}")
     log.warning("%s: step skipped, no update applied (train.on_nan=skip)", what)

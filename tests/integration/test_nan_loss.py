@@ -61,6 +61,7 @@ def test_nan_stops_the_run_with_one_alert_and_no_update(tmp_path, receiver):
     assert [row["step"] for row in metrics] == [1, 2, 3, 4]  # nothing after the NaN step
     assert "loss nan at step 5, 1 in a row; stopping (train.on_nan=stop); the last committed " \
            "checkpoint is step 3" in log
+    assert (tmp_path / "ckpt" / "step_000003" / "COMMITTED.json").is_file()  # not cut short
     nan = _nan_alerts(receiver)
     assert len(nan) == 1 and "loss nan at step 5" in nan[0] and "stopping" in nan[0]
     assert not [p for p in receiver.posts if " failed (rank" in p]  # no failure on top of it
