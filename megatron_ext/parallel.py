@@ -38,6 +38,10 @@ def is_last_stage(vp_stage: int | None = None) -> bool:
     return ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
 
 
+def pp_rank() -> int:
+    return ps.get_pipeline_model_parallel_rank()
+
+
 def dp_rank() -> int:
     return ps.get_data_parallel_rank()
 

@@ -3,7 +3,8 @@
 In synchronous training the slowest rank sets the step time, but the others only see longer
 collectives. Each rank times its own compute (its forward passes: ``StepResult.forward_s``);
 every ``report_interval`` steps one all_gather of the per-rank mean compares them to the
-median rank's (the lower median, so with 2 ranks the faster one is the yardstick). The caller
+median rank's of the same pipeline stage (stages differ by design: embedding, loss; the lower
+median, so with 2 ranks the faster one is the yardstick). The caller
 decides what to do with the reports (log on rank 0, alert). Within a tensor-parallel group
 the ranks wait for each other inside the forward, so a slow GPU there shows as its group.
 """
@@ -46,12 +47,22 @@ class StragglerCheck:
     """Ranks above the threshold, slowest first."""
 
 
-def find_stragglers(times: list[float], threshold: float) -> list[tuple[int, float]]:
-    """(index, slowdown) of every entry above threshold x the median, slowest first."""
-    median = statistics.median_low(times)
-    if median <= 0:
-        return []
-    slow = [(i, t / median) for i, t in enumerate(times) if t > threshold * median]
+def role_medians(times: list[float], roles: list[int]) -> list[float]:
+    """Each entry's yardstick: the lower median of the entries with its role (pipeline stage:
+    the first and last stages embed and compute the loss, so they are slower by design)."""
+    by_role: dict[int, list[float]] = {}
+    for t, role in zip(times, roles):
+        by_role.setdefault(role, []).append(t)
+    median = {role: statistics.median_low(group) for role, group in by_role.items()}
+    return [median[role] for role in roles]
+
+
+def find_stragglers(times: list[float], threshold: float,
+                    roles: list[int] | None = None) -> list[tuple[int, float]]:
+    """(index, slowdown) of every entry above threshold x its role's median, slowest first."""
+    medians = role_medians(times, roles or [0] * len(times))
+    slow = [(i, t / m) for i, (t, m) in enumerate(zip(times, medians))
+            if m > 0 and t > threshold * m]
     return sorted(slow, key=lambda item: -item[1])
 
 
@@ -59,8 +70,10 @@ class StragglerDetector:
     """Accumulates this rank's compute time; compares all ranks once per interval."""
 
     def __init__(self, group: Optional[dist.ProcessGroup], report_interval: int,
-                 threshold: float, rank: int, hostname: str) -> None:
+                 threshold: float, rank: int, hostname: str, role: int = 0) -> None:
+        """``role``: ranks are compared with the ranks of the same role (their pipeline stage)."""
         self._group, self._interval, self._threshold = group, report_interval, threshold
+        self._role = role
         self._hostname = hostname
         self._hostnames: Optional[list[str]] = None  # gathered once, at the first report
         self._global_ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
@@ -69,12 +82,13 @@ class StragglerDetector:
 
     @classmethod
     def from_config(cls, cfg: RunConfig, *, group: Optional[dist.ProcessGroup], rank: int,
-                    hostname: str) -> Union["StragglerDetector", "NullStragglerDetector"]:
+                    hostname: str, role: int = 0
+                    ) -> Union["StragglerDetector", "NullStragglerDetector"]:
         """``group``: the ranks to compare (None for all); every member must call ``step``."""
         s = cfg.resilience.straggler
         if not s.enabled:
             return NullStragglerDetector()
-        return cls(group, s.report_interval, s.threshold, rank, hostname)
+        return cls(group, s.report_interval, s.threshold, rank, hostname, role)
 
     def step(self, compute_seconds: float) -> Optional[StragglerCheck]:
         """Collective every ``report_interval`` calls, which return the same check on every
@@ -83,23 +97,24 @@ class StragglerDetector:
         self._total_s += compute_seconds
         if self._steps < self._interval:
             return None
-        means = self._gather(self._total_s / self._steps)
+        means, roles = self._gather(self._total_s / self._steps)
         self._steps, self._total_s = 0, 0.0  # each interval judges only its own steps
         hostnames = self._gather_hostnames()
-        median = statistics.median_low(means)
+        medians = role_medians(means, roles)
         reports = [StragglerReport(rank=self._global_ranks[i], hostname=hostnames[i],
-                                   slowdown=slowdown, compute_s=means[i], median_s=median)
-                   for i, slowdown in find_stragglers(means, self._threshold)]
-        return StragglerCheck(worst_slowdown=max(means) / median if median > 0 else 1.0,
-                              reports=reports)
+                                   slowdown=slowdown, compute_s=means[i], median_s=medians[i])
+                   for i, slowdown in find_stragglers(means, self._threshold, roles)]
+        worst = max((t / m for t, m in zip(means, medians) if m > 0), default=1.0)
+        return StragglerCheck(worst_slowdown=worst, reports=reports)
 
-    def _gather(self, mean_s: float) -> list[float]:
-        """One float all_gather: cheaper than pickling objects every interval."""
+    def _gather(self, mean_s: float) -> tuple[list[float], list[int]]:
+        """Every rank's (mean, role) in one float all_gather: cheaper than pickling objects."""
         device = "cuda" if dist.get_backend(self._group) == "nccl" else "cpu"
-        mine = torch.tensor([mean_s], dtype=torch.float64, device=device)
-        out = torch.empty(len(self._global_ranks), dtype=torch.float64, device=device)
+        mine = torch.tensor([mean_s, self._role], dtype=torch.float64, device=device)
+        out = torch.empty(2 * len(self._global_ranks), dtype=torch.float64, device=device)
         dist.all_gather_into_tensor(out, mine, group=self._group)
-        return out.tolist()
+        pairs = out.view(-1, 2).tolist()
+        return [mean for mean, _ in pairs], [int(role) for _, role in pairs]
 
     def _gather_hostnames(self) -> list[str]:
         if self._hostnames is None:

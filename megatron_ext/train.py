@@ -159,7 +159,7 @@ class Loop:
                                         on_hang=functools.partial(alerts.send_now,
                                                                   alert_kinds.HANG, rank=env.rank))
         straggler = StragglerDetector.from_config(cfg, group=None, rank=env.rank,
-                                                  hostname=env.hostname)
+                                                  hostname=env.hostname, role=parallel.pp_rank())
         return cls(cfg, env, run, alerts, report, watchdog, straggler,
                    StopSignals(cfg.cluster.signal), use_gpu)
 

@@ -18,6 +18,18 @@ def test_slow_ranks_are_found_relative_to_the_median_slowest_first():
     assert found[0][1] == pytest.approx(3.0) and found[1][1] == pytest.approx(1.6)
 
 
+def test_ranks_are_compared_within_their_pipeline_stage():
+    # the last stage (role 1) computes the loss over a large vocabulary: slower by design
+    times, roles = [1.0, 1.05, 2.0, 2.1, 1.0, 4.4], [0, 0, 1, 1, 0, 1]
+    found = find_stragglers(times, threshold=1.5, roles=roles)
+    assert [rank for rank, _ in found] == [5] and found[0][1] == pytest.approx(4.4 / 2.1)
+    assert [rank for rank, _ in find_stragglers(times, threshold=1.5)] == [5, 3, 2]  # mixed up
+
+
+def test_with_two_ranks_the_faster_one_is_the_yardstick():
+    assert find_stragglers([1.0, 2.0], threshold=1.5) == [(1, 2.0)]
+
+
 def test_threshold_is_exclusive_and_zero_times_report_nothing():
     assert find_stragglers([1.0, 1.5, 1.0], threshold=1.5) == []
     assert find_stragglers([0.0, 0.0, 0.0], threshold=1.5) == []
