@@ -149,9 +149,10 @@ class TrainConfig:
     (one full matrix at a time on the CPU: for small and medium models)."""
     log_interval: int = 10
     init_from: str = ""
-    """Continued pre-training: start from these weights (a Hugging Face Llama directory or one
-    written by ``tools.convert_hf import``) with a fresh optimizer and lr schedule; ignored when
-    a checkpoint to resume from exists. Empty: random initialisation."""
+    """Continued pre-training: start from these weights (a Hugging Face Llama directory, one
+    written by ``tools.convert_hf import``, or a training run's ``checkpoint.dir`` or one of its
+    committed ``step_<N>`` folders: model weights only, any layout) with a fresh optimizer and
+    lr schedule; ignored when a checkpoint to resume from exists. Empty: random initialisation."""
     on_nan: str = "stop"
     """A non-finite loss: ``stop`` the run (one alert; the last committed checkpoint is intact),
     or ``skip`` the step (no parameter update, one alert per run) and go on."""
@@ -160,7 +161,8 @@ class TrainConfig:
         out = choice_problem("train.precision", self.precision, PRECISIONS)
         if self.init_from and not os.path.isdir(self.init_from):
             out.append(f"train.init_from={self.init_from!r} is not a directory; give a Hugging "
-                       "Face Llama directory or one written by python -m tools.convert_hf import")
+                       "Face Llama directory, one written by python -m tools.convert_hf import, "
+                       "or a training run's checkpoint.dir")
         out += choice_problem("train.recompute", self.recompute, RECOMPUTE)
         out += choice_problem("train.on_nan", self.on_nan, NAN_ACTIONS)
         out += choice_problem("train.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)

@@ -3,9 +3,10 @@
 Megatron names a tensor by its ``ShardedTensor`` key (the same for the local and the
 Transformer Engine spec). We store one full tensor per key and layer, named
 ``decoder.layers.<i>.<rest>``; any TP/PP/VPP rank slices its shard out of it with the shard's
-global offsets (``megatron_ext.init_from``). Two sources give these tensors: a Hugging Face
-directory (converted on the fly) and a converted directory (``python -m tools.convert_hf
-import``). Only torch and safetensors here: no process group, no megatron.
+global offsets (``megatron_ext.init_from``). Two sources here give these tensors: a Hugging
+Face directory (converted on the fly) and a converted directory (``python -m tools.convert_hf
+import``); ``megatron_ext.weights`` adds training checkpoints and picks the source. Only torch
+and safetensors here: no process group, no megatron.
 
 Layout facts (megatron-core 0.16.1, checked by tests/unit/test_convert_hf.py against
 ``transformers``' LlamaForCausalLM logits):
@@ -33,7 +34,15 @@ PADDED_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 """Megatron pads these to a multiple of make_vocab_size_divisible_by * TP rows."""
 
 
+ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                "ffn_hidden_size", "vocab_size", "max_position_embeddings", "rotary_base",
+                "rope_scaling_factor", "norm_epsilon", "untie_embeddings_and_output_weights")
+"""The ``model.*`` fields that decide the weights' shapes and meaning (``model_fields``)."""
+
+
 class WeightSource(Protocol):
+    folder: Path
+    """Where the weights are read from (for a run's checkpoint.dir: the step chosen)."""
     model: dict[str, Any]
     """ModelConfig fields the weights were made for."""
 
@@ -228,14 +237,3 @@ class Converted:
 
     def tensor(self, key: str) -> torch.Tensor:
         return _read(self._files, key)
-
-
-def open_weights(path: str | Path) -> WeightSource:
-    """A converted directory or a Hugging Face one, told apart by their metadata file."""
-    folder = Path(path)
-    if (folder / META_FILE).is_file():
-        return Converted(folder)
-    if (folder / "config.json").is_file():
-        return HFLlama(folder)
-    raise FileNotFoundError(f"{folder} is neither a converted checkpoint ({META_FILE}) nor a "
-                            "Hugging Face model directory (config.json + *.safetensors)")

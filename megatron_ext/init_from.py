@@ -17,8 +17,9 @@ from megatron.core.models.gpt import GPTModel
 from launch.schema import ModelConfig
 from megatron_ext import commit
 from megatron_ext.ckpt_files import listing
-from megatron_ext.hf_llama import PADDED_ROWS, WeightSource, model_problems, open_weights
+from megatron_ext.hf_llama import PADDED_ROWS, WeightSource, model_problems
 from megatron_ext.model import weight_shards
+from megatron_ext.weights import open_weights
 
 
 def has_checkpoint(checkpoint_dir: str) -> bool:
@@ -57,9 +58,11 @@ def copy_shard(shard: ShardedTensor, full: torch.Tensor) -> None:
 def load_pretrained(chunks: list[GPTModel], path: str, model_cfg: ModelConfig) -> WeightSource:
     """Overwrite every weight of this rank's chunks with the pretrained model at ``path``.
 
-    ``path`` is a Hugging Face Llama directory or one converted by ``tools.convert_hf``.
+    ``path`` is a Hugging Face Llama directory, one converted by ``tools.convert_hf``, or a
+    training run's checkpoint (its ``checkpoint.dir`` or a committed ``step_<N>``; every rank
+    reads its blocks, so shard checksums are left to resume and export).
     """
-    source = open_weights(path)
+    source = open_weights(path, checksums=False)
     problems = model_problems(source.model, model_cfg)
     if problems:
         raise ValueError(f"train.init_from={path}: the model config does not match:\n  "

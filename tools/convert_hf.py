@@ -22,33 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-import yaml
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    MetadataIndex,
-    TensorStorageMetadata,
-)
-from torch.distributed.checkpoint.planner import LoadPlan
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_ext import commit
-from megatron_ext.ckpt_files import listing, verify, verify_shards
 from megatron_ext.hf_llama import (
     FORMAT,
     INDEX_FILE,
-    LAYER_PREFIX,
     META_FILE,
-    PADDED_ROWS,
     TOKENIZER_FILES,
     HFLlama,
     WeightSource,
     layer_keys,
-    open_weights,
     rope_scaling,
     to_hf,
 )
+from megatron_ext.weights import TrainingCheckpoint, open_weights
 from tools.prepare_data import load_tokenizer, tokenizer_file
 
 
@@ -116,91 +102,6 @@ def _hf_config(source: WeightSource) -> dict[str, Any]:
             "hidden_act": "silu"}
 
 
-class _BlockPlanner(DefaultLoadPlanner):
-    """Reads one block of a stored global tensor; torch's default planner reads it whole."""
-
-    def __init__(self, offsets: tuple[int, ...]) -> None:
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self._offsets = offsets
-
-    def create_local_plan(self) -> LoadPlan:
-        (key, block), = self.state_dict.items()
-        wanted = ChunkStorageMetadata(offsets=torch.Size(self._offsets), sizes=block.shape)
-        return LoadPlan(create_read_items_for_chunk_list(
-            key, self.metadata.state_dict_metadata[key], [wanted]))
-
-    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        return self.state_dict[index.fqn]  # the block itself, not a shard of a larger tensor
-
-
-class TrainingCheckpoint:
-    """The model weights of one committed checkpoint of a training run (megatron_ext.checkpoint).
-
-    megatron's torch_dist format stores every parameter as one global tensor (layers stacked
-    on axis 0, the vocabulary padded for TP), whatever TP/PP/VPP/DP layout wrote it, so one
-    process reads any layout back. Only the block asked for is read: one layer of one weight
-    at a time, never the optimizer state.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        # megatron takes seconds to import; only this kind of export needs it
-        from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
-            CachedMetadataFileSystemReader,
-        )
-
-        self.folder = folder
-        config = yaml.safe_load((folder / "config.yaml").read_text())
-        self.model: dict[str, Any] = config["model"]
-        self.tokenizer: str = config["data"]["tokenizer"]
-        self._reader = CachedMetadataFileSystemReader(str(folder))
-        self._stored = self._reader.read_metadata().state_dict_metadata
-
-    def tensor(self, key: str) -> torch.Tensor:
-        stored, layer = key, ()
-        if key.startswith(LAYER_PREFIX):  # decoder.layers.<i>.<rest>: block i of the stack
-            index, rest = key[len(LAYER_PREFIX):].split(".", 1)
-            stored, layer = LAYER_PREFIX + rest, (int(index),)
-        meta = self._stored.get(stored)
-        if not isinstance(meta, TensorStorageMetadata):
-            raise KeyError(f"{self.folder}: tensor {stored!r} is missing from the checkpoint")
-        shape = list(meta.size[len(layer):])
-        if key in PADDED_ROWS:
-            shape[0] = self.model["vocab_size"]  # the rows megatron padded for TP are dropped
-        block = torch.empty([1] * len(layer) + shape, dtype=meta.properties.dtype)
-        dcp.load({stored: block}, storage_reader=self._reader, no_dist=True,
-                 planner=_BlockPlanner((*layer, *[0] * len(shape))))
-        return block.reshape(shape)
-
-
-def committed_checkpoint(path: Path) -> Path:
-    """The step folder to export: ``path`` itself if it is a committed ``step_<N>``, else the
-    newest committed one under it (a run's ``checkpoint.dir``); verified against its manifest.
-
-    Uncommitted folders (``.tmp``, or no marker: a save killed or still being written) are
-    never read, the same rules ``Checkpointer.load_latest`` resumes by.
-    """
-    if commit.incomplete({path.name: (path / commit.MARKER).is_file()}):
-        raise ValueError(f"{path} is not a committed checkpoint (no {commit.MARKER}: its save "
-                         "was interrupted or is still running); export a committed step")
-    if commit.parse_step(path.name) is not None:
-        chosen = path
-    else:
-        found = listing(path)
-        newest = commit.load_order(found)
-        if not newest:
-            skipped = f" (uncommitted, skipped: {', '.join(commit.incomplete(found))})" \
-                if commit.incomplete(found) else ""
-            raise ValueError(f"{path} holds no committed training checkpoint (step_<N>/ with "
-                             f"{commit.MARKER}){skipped}, no converted checkpoint ({META_FILE}) "
-                             "and no Hugging Face model (config.json)")
-        chosen = path / commit.step_dir(newest[0])
-    problems = verify(chosen) or verify_shards(chosen, part=0, parts=1)
-    if problems:
-        raise ValueError(f"{chosen} does not match its manifest: {'; '.join(problems)}; export "
-                         "an older committed step_<N> folder instead")
-    return chosen
-
-
 def _run_tokenizer(tokenizer: str, out: Path) -> dict[str, Any]:
     """Copy the tokenizer a run trained with; its end-of-document id is the model's eos."""
     if not tokenizer or not Path(tokenizer).exists():
@@ -219,12 +120,7 @@ def export_hf(src: Path, out: Path) -> Path:
     ``src``: a converted or Hugging Face directory, a run's ``checkpoint.dir`` or one of its
     ``step_<N>`` folders. Returns the folder the weights were read from.
     """
-    source: WeightSource
-    if (src / META_FILE).is_file() or (src / "config.json").is_file():
-        source, folder = open_weights(src), src
-    else:
-        folder = committed_checkpoint(src)
-        source = TrainingCheckpoint(folder)
+    source = open_weights(src)
     m = source.model
     out.mkdir(parents=True, exist_ok=True)
     outer, suffixes = layer_keys(not m["untie_embeddings_and_output_weights"])
@@ -244,7 +140,7 @@ def export_hf(src: Path, out: Path) -> Path:
     else:
         _copy_tokenizer(src, out)
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    return folder
+    return source.folder
 
 
 def main(argv: list[str] | None = None) -> int:

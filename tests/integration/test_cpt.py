@@ -105,3 +105,17 @@ def test_cpt_starts_from_the_converted_llama(tmp_path: Path) -> None:
         held_out = windows(prefix, 32, numpy.random.default_rng(1))
         cpt_loss = exported(held_out[:, :-1], labels=held_out[:, :-1]).loss.item()
     assert cpt_loss == pytest.approx(losses[-1], abs=0.3)
+
+    # A new run may start from the CPT run's own checkpoint (a different layout, a fresh
+    # optimizer and schedule): it starts at step 1 from the trained weights.
+    second = run_launch(
+        "name=cpt-again", "parallel=pp2", *overrides(model),
+        f"train.init_from={tmp_path / 'runs' / 'cpt' / 'checkpoints'}",
+        f"data.tokenizer={tmp_path / 'tokenizer.json'}", "data.prepare_demo=false",
+        f"data.sources=[{{path: {prefix}, weight: 1.0}}]", "train.steps=2",
+        "train.warmup_steps=1", "train.lr=1e-4", "train.min_lr=1e-5", f"train.seq_length={SEQ}",
+        "train.log_interval=1", cwd=tmp_path, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    again = read_metrics(tmp_path, "cpt-again")
+    assert [row["step"] for row in again] == [1, 2]
+    assert again[0]["loss"] == pytest.approx(losses[-1], abs=0.3)

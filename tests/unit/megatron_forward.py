@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from megatron_ext.hf_llama import open_weights
+from megatron_ext.weights import open_weights
 
 
 def free_port() -> int:

@@ -10,7 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from megatron_ext.hf_llama import fuse_qkv, open_weights, split_qkv  # noqa: E402
+from megatron_ext.hf_llama import ARCHITECTURE, fuse_qkv, split_qkv  # noqa: E402
+from megatron_ext.weights import open_weights  # noqa: E402
 from tests.unit.megatron_forward import free_port, megatron_logits  # noqa: E402
 from tools.convert_hf import export_hf, import_hf, layout_problems, main  # noqa: E402
 
@@ -81,6 +82,8 @@ def test_import_cli_checks_the_layout_and_prints_overrides(hf_dir: Path, tmp_pat
     assert "model.num_query_groups=2" in capsys.readouterr().out
     assert open_weights(tmp_path / "m").model == open_weights(hf_dir).model
     assert layout_problems(open_weights(hf_dir).model, 1, 3) == ["--pp=3 must divide num_layers=2"]
+    # a training checkpoint is compared on the same fields (hf_llama.ARCHITECTURE)
+    assert tuple(open_weights(hf_dir).model) == ARCHITECTURE
 
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
