@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import shlex
@@ -99,6 +100,12 @@ def worker(config_path: str, out: str, saves: int) -> None:
         parallel.shutdown()
 
 
+def transformer_impl() -> str:
+    """Transformer Engine where installed, else megatron's local spec: a GPU machine without
+    TE still measures the checkpoint (same tensors; TE adds small ``_extra_state`` entries)."""
+    return "transformer_engine" if importlib.util.find_spec("transformer_engine") else "local"
+
+
 def run_mode(name: str, mode: str, nproc: int, saves: int, scratch: Path, gpu: bool) -> dict:
     """One torchrun launch: ``nproc`` ranks of one model saving in one mode."""
     from launch.config import check, compose, to_run_config, to_yaml
@@ -107,7 +114,8 @@ def run_mode(name: str, mode: str, nproc: int, saves: int, scratch: Path, gpu: b
     run_dir = scratch / name / mode
     run_dir.mkdir(parents=True)
     cfg = to_run_config(compose(
-        [*MODELS[name], "data=synthetic", "train.steps=10", "train.warmup_steps=1",
+        [*MODELS[name], f"model.transformer_impl={transformer_impl()}", "data=synthetic",
+         "train.steps=10", "train.warmup_steps=1",
          "train.reproducible_init=false",  # a 1.4B model's layout-free init takes a while
          "train.precision=bf16",  # bf16 weights on GPU, as training; CPU ranks use fp32 anyway
          "train.micro_batch_size=1", f"train.global_batch_size={2 * nproc}",
@@ -182,7 +190,8 @@ def main() -> None:
         n=nproc, gpu=torch.cuda.get_device_name() if args.gpu else None)
     out.write_text(json.dumps({
         "command": shlex.join(["python", "benchmarks/checkpoint.py", *sys.argv[1:]]),
-        "device": description, "torch": torch.__version__, "models": results}, indent=1) + "\n")
+        "device": description, "torch": torch.__version__, "transformer_impl": transformer_impl(),
+        "models": results}, indent=1) + "\n")
     print(f"wrote {out}")
 
 
