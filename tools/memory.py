@@ -305,10 +305,29 @@ def predict(cfg: RunConfig, layout: Layout, *, micro_batch_size: Optional[int] =
     return predict_all(cfg, layout, [(b, recompute or cfg.train.recompute)])[0]
 
 
+def memory_table(cfg: RunConfig, layout: Layout, memory: MemoryBreakdown) -> str:
+    rows = [("weights", memory.weights_gib), ("gradients", memory.gradients_gib),
+            ("optimizer", memory.optimizer_gib), ("activations", memory.activations_gib),
+            ("workspace", memory.workspace_gib), ("peak alloc.", memory.peak_gib),
+            ("fragment.", memory.fragmentation_gib), ("reserved", memory.reserved_gib),
+            ("context", memory.context_gib)]
+    verdict = "fits" if memory.fits else "DOES NOT FIT"
+    lines = [f"{cfg.model.name}: {layout.describe()} micro_batch_size="
+             f"{cfg.train.micro_batch_size} seq_length={cfg.train.seq_length} "
+             f"recompute={cfg.train.recompute} precision={cfg.train.precision}",
+             f"worst rank: {memory.stage} pipeline stage", ""]
+    lines += [f"  {name:<12}{gib:>9.2f} GiB" for name, gib in rows]
+    lines += [f"  {'required':<12}{memory.required_gib:>9.2f} GiB",
+              f"  {'limit':<12}{memory.limit_gib:>9.2f} GiB  -> {verdict} "
+              f"({cfg.cluster.gpu} {cfg.cluster.gpu_memory_gib:g} GiB)"]
+    return "\n".join(lines)
+
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """``python -m tools.memory [--json] [overrides]``: the breakdown for the config's layout."""
     from launch.config import derive_layout  # CLI only: Hydra stays off the pure path
-    from tools.report import load_config, memory_table
+    from tools.report import load_config
 
     args = sys.argv[1:] if argv is None else argv
     cfg, as_json, _ = load_config(args, auto_ok=False)

@@ -38,6 +38,7 @@ SEARCHED = ("parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp", "parall
             "parallel.sp", "train.micro_batch_size", "train.recompute")
 """What the planner chooses, unless the command line gives it (``pinned``)."""
 NOTHING_PINNED: Mapping[str, Any] = MappingProxyType({})
+TABLE_ROWS = 15  # fitting layouts the CLI prints
 
 
 NVLINK_BUS_GB_S = {"A100": 240.0, "H100": 360.0, "H200": 360.0, "B200": 720.0}
@@ -330,9 +331,34 @@ def explain_no_fit(cfg: RunConfig, layout: Layout) -> Optional[str]:
             f"{best.step_time_s:.2f} s/step (or use parallel=auto)")
 
 
+def planner_table(cfg: RunConfig, ranked: list[PlannedLayout], pins: Mapping[str, Any]) -> str:
+    """The fitting candidates, best first (at most TABLE_ROWS), and the chosen layout."""
+    fitting = [c for c in ranked if c.fits]
+    header = (f"{'#':>3}  {'tp':>2} {'pp':>3} {'vpp':>3} {'cp':>3} {'dp':>4} {'sp':>3} "
+              f"{'mbs':>3} {'recompute':<9} {'GiB/GPU':>8} {'step s':>8} {'tok/s/GPU':>10}")
+    lines = [f"{cfg.model.name} on {cfg.cluster.world_size} {cfg.cluster.gpu} "
+             f"{cfg.cluster.gpu_memory_gib:g} GiB{describe_pinned(pins)}: {len(ranked)} "
+             f"candidates, {len(fitting)} fit", header]
+    for i, c in enumerate(fitting[:TABLE_ROWS], 1):
+        lines.append(f"{i:>3}  {c.tp:>2} {c.pp:>3} {c.vpp:>3} {c.cp:>3} {c.dp:>4} "
+                     f"{'on' if c.sp else 'off':>3} {c.micro_batch_size:>3} {c.recompute:<9} "
+                     f"{c.required_gib:>8.1f} {c.step_time_s:>8.3g} {c.tokens_per_s_per_gpu:>10.0f}")
+    if fitting:
+        best = fitting[0]
+        lines.append(f"chosen: {best.describe()} ({best.required_gib:.1f} GiB/GPU, "
+                     f"{best.step_time_s:.3g} s/step)")
+    elif ranked:
+        least = min(ranked, key=lambda c: c.required_gib)
+        lines.append(f"no layout fits; the smallest needs {least.required_gib:.1f} GiB/GPU "
+                     f"({least.describe()})")
+    else:
+        lines.append("no valid layout: check the batch size and divisibility rules")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """``python -m tools.planner [--json] [overrides]``: the ranked table and the choice."""
-    from tools.report import load_config, planner_table, progress_after  # CLI only
+    from tools.report import load_config, progress_after  # CLI only
 
     args = sys.argv[1:] if argv is None else argv
     cfg, as_json, explicit = load_config(args, auto_ok=True)
