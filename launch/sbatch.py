@@ -57,13 +57,20 @@ def _requeue_request(cfg: RunConfig) -> str:
     return shlex.quote(str(Path(cfg.run_dir) / REQUEUE_REQUEST))
 
 
-def _teardown_lines(cfg: RunConfig) -> list[str]:
+def _teardown_lines(cfg: RunConfig, python: str) -> list[str]:
     """After srun: a job whose ranks saved on the pre-timeout signal asks Slurm to run it again.
 
     The batch shell (on the host) requeues rather than a rank, because inside a container
     ``scontrol`` is not available; rank 0 asks by creating ``REQUEUE_REQUEST`` in the run folder.
+    A step that failed without any rank saying why (a rank killed by the OOM killer) gets the
+    alert of ``megatron_ext.job_end``, where the host can run the ranks' Python (not from a
+    container image alone).
     """
     lines = ["rc=$?"]
+    if not (cfg.cluster.container_image and not cfg.cluster.venv):
+        job_end = shlex.join([rank_python(cfg.cluster, python), "-m", "megatron_ext.job_end",
+                              str(Path(cfg.run_dir) / "config.yaml")])
+        lines.append(f'if [ "$rc" -ne 0 ]; then {job_end} "$rc" || true; fi')
     if cfg.cluster.requeue:
         request = _requeue_request(cfg)
         lines.append(f'if [ -e {request} ]; then rm -f {request}; scontrol requeue "$SLURM_JOB_ID"; fi')
@@ -83,7 +90,7 @@ def _srun_args(c: ClusterConfig) -> list[str]:
     return args
 
 
-def slurm_params(cfg: RunConfig, repo: Path = REPO) -> dict[str, Any]:
+def slurm_params(cfg: RunConfig, python: str, repo: Path = REPO) -> dict[str, Any]:
     """SlurmExecutor parameters: one task per GPU (rank), whole nodes, signal, requeue, setup."""
     c = cfg.cluster
     params: dict[str, Any] = {
@@ -91,7 +98,7 @@ def slurm_params(cfg: RunConfig, repo: Path = REPO) -> dict[str, Any]:
         "cpus_per_task": c.cpus_per_task, "time": c.timeout_min, "wckey": None,
         "setup": _setup_lines(c, repo) + [
             f"rm -rf {_requeue_request(cfg)} {shlex.quote(str(Path(cfg.run_dir) / ALERTS_SENT))}"],
-        "teardown": _teardown_lines(cfg),
+        "teardown": _teardown_lines(cfg, python),
         "srun_args": _srun_args(c),
         # submitit's own --signal (USR2@90) is for its pickled wrapper, which is not used here.
         "additional_parameters": {"signal": c.signal,
@@ -122,4 +129,4 @@ def render(cfg: RunConfig, config_path: Path, folder: Path, python: str,
     if problems:
         raise ValueError("; ".join(problems))
     command = shlex.join(rank_argv(config_path, rank_python(cfg.cluster, python)))
-    return _make_sbatch_string(command=command, folder=folder, **slurm_params(cfg, repo))
+    return _make_sbatch_string(command=command, folder=folder, **slurm_params(cfg, python, repo))

@@ -33,11 +33,11 @@ def slurm_folder(cfg: RunConfig) -> Path:
     return Path(cfg.run_dir) / "logs" / "%j"
 
 
-def executor_params(cfg: RunConfig) -> dict[str, Any]:
+def executor_params(cfg: RunConfig, python: str = sys.executable) -> dict[str, Any]:
     """submitit parameters: one task per rank; on a GPU node one task per GPU."""
     c = cfg.cluster
     if c.kind == "slurm":
-        return sbatch.slurm_params(cfg)
+        return sbatch.slurm_params(cfg, python)
     return {"nodes": c.nodes, "tasks_per_node": c.gpus_per_node, "timeout_min": c.timeout_min,
             "name": cfg.name}
 
@@ -115,6 +115,10 @@ def run_rank(argv: list[str], cwd: str) -> None:
             os.killpg(process.pid, signal.SIGKILL)
     if code != 0:
         _kill_peer_ranks()
+        # as the batch script does after srun: the alert of last resort (megatron_ext.job_end)
+        shell_code = 128 - code if code < 0 else code  # a signal, as the shell reports it
+        subprocess.run([argv[0], "-m", "megatron_ext.job_end", argv[-1], str(shell_code)],
+                       cwd=cwd, check=False)
         raise RuntimeError(f"rank exited with code {code}: {shlex.join(argv)}")
 
 

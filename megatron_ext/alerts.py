@@ -49,15 +49,24 @@ _STYLE = {
     NAN_LOSS: (":warning:", "loss is NaN or spiking", "ERROR"),
 }
 KINDS = tuple(_STYLE)
-ONCE_PER_JOB = (FAILURE, HANG)
-"""Kinds every rank tends to hit together (peers of a dead rank fail in their collectives; a
-stuck collective trips every watchdog): only the first rank of the job attempt posts them."""
+ONCE_PER_JOB = (FAILURE, HANG, NAN_LOSS)
+"""Kinds that say why a job attempt ends, which every rank tends to hit together (peers of a
+dead rank fail in their collectives; a stuck collective trips every watchdog): only the first
+sender of the attempt posts each, and their claims tell ``job_end`` the user already knows."""
 _QUEUE_SIZE = 64  # alerts beyond this backlog are dropped rather than held in memory
+
+
+LAUNCHER = -1
+"""The ``rank`` of alerts the launcher sends about the job as a whole (``megatron_ext.job_end``)."""
+
+
+def sender(rank: int, hostname: str) -> str:
+    return f"{'launcher' if rank == LAUNCHER else f'rank {rank}'} on {hostname}"
 
 
 def headline(kind: str, run_name: str, rank: int, hostname: str) -> str:
     emoji, what, _ = _STYLE[kind]
-    return f"{emoji} *{run_name}* {what} (rank {rank} on {hostname})"
+    return f"{emoji} *{run_name}* {what} ({sender(rank, hostname)})"
 
 
 def render(kind: str, text: str, *, run_name: str, rank: int, hostname: str,
@@ -136,7 +145,7 @@ class Alerts:
                 return False
             self._last_sent[(kind, rank)] = now
         if kind in ONCE_PER_JOB and self._claims_dir is not None:
-            first = first_to_claim(self._claims_dir / kind, f"rank {rank} on {self._hostname}")
+            first = first_to_claim(self._claims_dir / kind, sender(rank, self._hostname))
             if first is not None:
                 log.warning("%s alert not sent: %s sent this job's", kind, first)
                 return False

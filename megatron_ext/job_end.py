@@ -1,0 +1,49 @@
+"""The alert of last resort: a job attempt ended badly and no rank said why.
+
+A rank killed by a signal (the kernel's OOM killer, a node failure, SIGKILL) runs no Python
+and alerts nothing; ``srun --kill-on-bad-exit`` (and the local launcher) then kill its peers,
+often before they reach their own failure alert. The batch script (after ``srun``) and the
+local launcher (after a rank ends) run ``python -m megatron_ext.job_end <config.yaml>
+<exit code>``: it posts one failure alert unless a rank already claimed one that says why the
+attempt ended (``alerts.ONCE_PER_JOB`` in ``run_dir/alerts-sent/``).
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+from launch.config import load
+from launch.schema import ALERTS_SENT
+from megatron_ext import alerts
+
+PLANNED_EXITS = (0, 128 + signal.SIGTERM)
+"""0: finished, or saved on the pre-timeout signal; 143: Slurm ended the job (preemption,
+requeue, scancel) after the ranks saved."""
+
+
+def needs_alert(exit_code: int, claimed: list[str]) -> bool:
+    """An unplanned end that no rank explained (``claimed``: the kinds already posted)."""
+    return exit_code not in PLANNED_EXITS and not set(claimed) & set(alerts.ONCE_PER_JOB)
+
+
+def explain(exit_code: int) -> str:
+    died = (f"killed by {signal.Signals(exit_code - 128).name}" if 128 < exit_code < 128 + 65
+            else f"ended with exit code {exit_code}")
+    return (f"a rank {died} and no rank reported an error: out of memory (the kernel's OOM "
+            "killer), a node failure, or a signal; the rank logs say which")
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, code = argv if argv is not None else sys.argv[1:]
+    cfg, exit_code = load(config), int(code)
+    claims = Path(cfg.run_dir) / ALERTS_SENT
+    claimed = [p.name for p in claims.iterdir()] if claims.is_dir() else []
+    if needs_alert(exit_code, claimed):
+        alerts.Alerts.from_config(cfg, rank=alerts.LAUNCHER).send_now(
+            alerts.FAILURE, explain(exit_code), rank=alerts.LAUNCHER)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

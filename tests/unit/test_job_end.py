@@ -1,0 +1,34 @@
+"""The alert of last resort: a job attempt that ended badly with no rank saying why."""
+from __future__ import annotations
+
+import signal
+
+from launch.prepare import write_run_dir
+from megatron_ext import alerts, job_end
+from tests.conftest import make_config
+from tests.slack_receiver import Receiver
+
+
+def test_only_an_unexplained_unplanned_end_needs_an_alert():
+    killed = 128 + signal.SIGKILL
+    assert job_end.needs_alert(killed, claimed=[])
+    assert job_end.needs_alert(1, claimed=[alerts.STRAGGLER])  # a straggler says nothing of it
+    for kind in alerts.ONCE_PER_JOB:  # a rank already said why the attempt ended
+        assert not job_end.needs_alert(killed, claimed=[kind])
+    assert not job_end.needs_alert(0, claimed=[])  # finished, or saved on the pre-timeout signal
+    assert not job_end.needs_alert(128 + signal.SIGTERM, claimed=[])  # Slurm ended the job
+    assert "a rank killed by SIGKILL" in job_end.explain(killed)
+    assert "a rank ended with exit code 1" in job_end.explain(1)
+
+
+def test_the_launcher_posts_once_and_never_after_a_rank_did(tmp_path, monkeypatch):
+    receiver = Receiver()
+    try:
+        monkeypatch.setenv(alerts.URL_ENV, receiver.url)
+        config = write_run_dir(make_config("logging.slack.enabled=true", run_dir=str(tmp_path)))
+        for _ in range(2):  # every failed rank's wrapper calls it; the first claim wins
+            assert job_end.main([str(config), str(128 + signal.SIGKILL)]) == 0
+        assert len(receiver.posts) == 1
+        assert "failed (launcher on" in receiver.posts[0] and "SIGKILL" in receiver.posts[0]
+    finally:
+        receiver.close()
