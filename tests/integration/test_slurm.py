@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from tests.conftest import run_launch
 from tests.integration.conftest import SLURM_CPU
+from tests.slack_receiver import Receiver
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -42,8 +44,9 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def launch(workdir: Path, *overrides: str) -> tuple[str, Path]:
-    result = run_launch(*SLURM_CPU, *overrides, cwd=workdir, timeout=120)
+def launch(workdir: Path, *overrides: str, env: dict[str, str] | None = None
+           ) -> tuple[str, Path]:
+    result = run_launch(*SLURM_CPU, *overrides, cwd=workdir, timeout=120, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     match = re.search(r"submitted job (\d+); run folder (\S+)", result.stdout)
     assert match, result.stdout
@@ -119,10 +122,24 @@ def test_the_pre_timeout_signal_saves_and_requeues_the_job(slurm: Path, workdir:
 
 def test_a_frozen_rank_ends_the_job_once_the_watchdog_fires(slurm: Path, workdir: Path) -> None:
     """A SIGSTOPped rank never exits: the watchdog of its peer does, and ``srun
-    --kill-on-bad-exit`` then ends the step instead of holding the nodes to the time limit."""
-    job_id, run_dir = launch(workdir, "name=slurm-frozen", "train.steps=300",
-                             "resilience.watchdog.timeout_s=10",
-                             "resilience.collective_timeout_s=600")
+    --kill-on-bad-exit`` then ends the step instead of holding the nodes to the time limit.
+    The user hears of it once: the watchdog's hang alert (the batch script's job_end sees it)."""
+    receiver = Receiver()
+    try:
+        job_id, run_dir = launch(workdir, "name=slurm-frozen", "train.steps=300",
+                                 "resilience.watchdog.timeout_s=10",
+                                 "resilience.collective_timeout_s=600",
+                                 "logging.slack.enabled=true",
+                                 env={"SLACK_WEBHOOK_URL": receiver.url})
+        _freeze_a_rank_and_wait(job_id, run_dir)
+    finally:
+        receiver.close()
+    assert [post.splitlines()[0].split("*")[-1] for post in receiver.posts
+            if "hang" in post or "failed" in post] == [" hang detected (rank 0 on "
+                                                       f"{socket.gethostname()})"], receiver.posts
+
+
+def _freeze_a_rank_and_wait(job_id: str, run_dir: Path) -> None:
     deadline = time.monotonic() + 120
     while len(metrics(run_dir)) < 3:
         assert time.monotonic() < deadline, job_info(job_id)
