@@ -238,9 +238,10 @@ class CheckpointConfig:
     s3_uri: str = ""
     """``s3://bucket[/prefix]``: rank 0 also copies every committed checkpoint to
     ``<s3_uri>/step_<N>/`` in the background and mirrors retention deletions; '' = off. A copy
-    is complete only once its ``COMMITTED.json`` is there (uploaded last). Endpoint, region and
-    credentials come from the environment (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, an instance
-    role...), never from this file."""
+    is complete only once its ``COMMITTED.json`` is there (uploaded last). A run whose
+    ``checkpoint.dir`` holds no committed checkpoint restores the newest complete copy. Endpoint,
+    region and credentials come from the environment (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, an
+    instance role...), never from this file."""
     s3_exit_timeout_s: float = 300.0
     """After training, how long the process may stay alive to finish S3 copies still running;
     what is left is uploaded when a job with this ``checkpoint.dir`` starts next."""

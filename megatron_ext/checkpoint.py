@@ -229,7 +229,7 @@ class Checkpointer:
     # -- loading -------------------------------------------------------------------------
     def load_latest(self) -> Resume:
         """Load the newest intact committed checkpoint of ``checkpoint.dir``, if any."""
-        found = self._from_rank0(lambda: listing(self.root))
+        found = self._from_rank0(self._listing_or_restored)
         for name in commit.incomplete(found):
             self._warn("skipping incomplete checkpoint %s: no commit marker (its save was "
                        "interrupted)", self.root / name)
@@ -250,6 +250,15 @@ class Checkpointer:
             raise CheckpointCorrupt(f"no intact committed checkpoint in {self.root} (corrupt: "
                                     f"{', '.join(map(str, tried))}); refusing to start over")
         return Resume()
+
+    def _listing_or_restored(self) -> dict[str, bool]:
+        """Rank 0: ``checkpoint.dir``'s folders; when none is committed, first the newest
+        complete S3 copy is downloaded (the others wait: it must fit
+        ``resilience.collective_timeout_s``)."""
+        found = listing(self.root)
+        if not commit.committed_steps(found) and self._replica.restore_newest(self.root):
+            found = listing(self.root)
+        return found
 
     def _verify_checksums(self, path: Path) -> list[str]:
         """Every rank re-hashes its share of the shards: the checkpoint is read once, in

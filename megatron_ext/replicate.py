@@ -4,7 +4,9 @@
 training only enqueues. ``COMMITTED.json`` goes up last and is deleted first, so a copy in S3
 is complete if and only if its marker is there; a restore trusts only marked copies, like
 the loader trusts only marked folders (``megatron_ext.commit``). Retention deletions are
-mirrored. A failed copy is logged and reported through ``on_failure``, never raised.
+mirrored. A failed copy is logged and reported through ``on_failure``, never raised. A run
+whose ``checkpoint.dir`` holds no committed checkpoint downloads the newest complete copy
+before resuming (``restore_newest``); a failed download stops the run rather than start over.
 
 boto3 reads the endpoint, region and credentials from the environment (``AWS_ENDPOINT_URL``,
 ``AWS_REGION``, ``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, the instance
@@ -15,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -91,8 +95,8 @@ class S3Replicator:
     def _finish(self, timeout_s: float) -> None:
         if not self.wait(timeout_s):
             log.warning("S3 copies still running after %g s (checkpoint.s3_exit_timeout_s, or "
-                        "the time left after a stop signal); exiting without them (the next job with this checkpoint.dir uploads "
-                        "what %s lacks)", timeout_s, self.uri)
+                        "the time left after a stop signal); exiting without them (the next "
+                        "job with this checkpoint.dir uploads what %s lacks)", timeout_s, self.uri)
 
     def _report(self, what: str, exc: Exception) -> None:
         """A failed copy: logged and passed to ``on_failure``; the copies after it go on."""
@@ -119,39 +123,50 @@ class S3Replicator:
         # A copy of an earlier save of this step stops counting as complete before it changes.
         self._client.delete_object(Bucket=self._bucket, Key=marker_key)
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != commit.MARKER)
-        self._upload_all(folder, files)
+        _in_parallel(files, lambda path: self._client.upload_file(
+            str(path), self._bucket, self._key(folder.name, path.relative_to(folder).as_posix()),
+            Config=_TRANSFER))
         self._client.put_object(Bucket=self._bucket, Key=marker_key, Body=marker)
         log.info("checkpoint %s copied to %s/%s/ (%d files, %.1f GB, %.0f s)", folder.name,
                  self.uri, folder.name, len(files) + 1,
                  sum(p.stat().st_size for p in files) / 1e9, time.monotonic() - start)
 
-    def _upload_all(self, folder: Path, files: list[Path]) -> None:
-        """Every file, ``_CONCURRENCY`` at a time, on daemon threads; raises the first error."""
-        todo: queue.SimpleQueue = queue.SimpleQueue()
-        for path in files:
-            todo.put(path)
-        errors: list[Exception] = []
+    def restore_newest(self, root: Path) -> str | None:
+        """Download the newest complete copy into ``root``; its folder name, None if S3 holds
+        none. For a ``checkpoint.dir`` without a committed checkpoint (a new or lost shared
+        filesystem). Written as ``step_<N>.tmp`` and renamed, marker last: a download cut short
+        is an incomplete folder, never loaded."""
+        steps = self._complete_copies()
+        if not steps:
+            return None
+        name, start = commit.step_dir(steps[-1]), time.monotonic()
+        tmp = root / commit.tmp_dir(steps[-1])
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        keys = [key for key in self._keys(self._key(name)) if not key.endswith("/" + commit.MARKER)]
 
-        def work() -> None:
-            while not errors:
-                try:
-                    path = todo.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    self._client.upload_file(str(path), self._bucket, self._key(
-                        folder.name, path.relative_to(folder).as_posix()), Config=_TRANSFER)
-                except Exception as exc:  # re-raised on the replicating thread below
-                    errors.append(exc)
+        def download(key: str) -> None:
+            target = tmp / key.removeprefix(self._key(name))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._client.download_file(self._bucket, key, str(target), Config=_TRANSFER)
 
-        threads = [threading.Thread(target=work, name="s3-upload", daemon=True)
-                   for _ in range(min(_CONCURRENCY, len(files)))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
+        _in_parallel(keys + [self._key(name, commit.MARKER)], download)
+        os.replace(tmp, root / name)
+        log.info("restored %s from %s/%s/ (%d files, %.0f s): %s held no committed checkpoint",
+                 name, self.uri, name, len(keys) + 1, time.monotonic() - start, root)
+        return name
+
+    def _keys(self, prefix: str) -> list[str]:
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self._bucket,
+                                                                       Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def _complete_copies(self) -> list[int]:
+        """Steps whose copy holds its marker (uploaded last), oldest first."""
+        root = f"{self._prefix}/" if self._prefix else ""
+        marked = {key.removeprefix(root).split("/")[0]: True for key in self._keys(root)
+                  if key.endswith("/" + commit.MARKER)}
+        return commit.committed_steps(marked)
 
     def _delete(self, name: str) -> None:
         """The marker first: a copy half deleted must not look complete."""
@@ -167,6 +182,35 @@ class S3Replicator:
                     raise RuntimeError(f"{len(failed)} objects not deleted, e.g. {failed[0]}")
 
 
+def _in_parallel(items: list[Any], transfer: Callable[[Any], object]) -> None:
+    """``transfer`` every item, ``_CONCURRENCY`` at a time on daemon threads; raises the first
+    error (on the calling thread)."""
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for item in items:
+        todo.put(item)
+    errors: list[Exception] = []
+
+    def work() -> None:
+        while not errors:
+            try:
+                item = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                transfer(item)
+            except Exception as exc:  # re-raised on the calling thread below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=work, name="s3-transfer", daemon=True)
+               for _ in range(min(_CONCURRENCY, len(items)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 class NullReplicator:
     """No ``checkpoint.s3_uri``, or not rank 0: same interface, does nothing."""
 
@@ -178,3 +222,6 @@ class NullReplicator:
 
     def close(self, timeout_s: float) -> None:
         pass
+
+    def restore_newest(self, root: Path) -> str | None:
+        return None

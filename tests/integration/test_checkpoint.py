@@ -245,6 +245,14 @@ def test_committed_checkpoints_are_copied_to_s3_and_a_rerun_completes_cut_short_
         assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
         assert _bucket_copy(bucket, "runs/") == local
 
+        shutil.rmtree(ckpt_dir)  # the shared filesystem was lost (or a new cluster)
+        restored = run_launch(*run, cwd=workdir)
+        assert restored.returncode == 0, restored.stdout[-3000:] + restored.stderr[-3000:]
+        assert f"restored step_000012 from s3://{bucket}/runs/step_000012/" in restored.stdout
+        assert f"resumed from {ckpt_dir / 'step_000012'}" in restored.stdout
+        assert _local_copy(ckpt_dir) == {k: v for k, v in local.items()
+                                         if k.startswith("step_000012/")}
+
 
 def test_the_s3_copy_of_the_pre_timeout_save_finishes_before_the_rank_exits(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

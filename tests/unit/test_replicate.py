@@ -107,6 +107,23 @@ def test_a_complete_copy_is_not_uploaded_again_and_a_cut_short_one_is_redone(
     assert _objects(bucket) == _files(folder)
 
 
+@pytest.mark.parametrize("prefix", ["", "runs/llama"])
+def test_restore_takes_the_newest_complete_copy_whole_and_skips_a_cut_short_one(
+        bucket: str, tmp_path: Path, prefix: str) -> None:
+    replica = S3Replicator(f"s3://{bucket}/{prefix}", client=s3_client())
+    for step in (10, 20, 30):
+        replica.upload(_committed(tmp_path / "fsx", step))
+    assert replica.wait(timeout_s=30)
+    key = "/".join(filter(None, (prefix, commit.step_dir(30), commit.MARKER)))
+    s3_client().delete_object(Bucket=bucket, Key=key)  # step 30's copy was cut short
+    lost = tmp_path / "new-fsx" / "checkpoints"
+    assert replica.restore_newest(lost) == commit.step_dir(20)
+    assert sorted(p.name for p in lost.iterdir()) == [commit.step_dir(20)]  # no .tmp left
+    assert _files(lost / commit.step_dir(20)) == _files(tmp_path / "fsx" / commit.step_dir(20))
+    assert S3Replicator(f"s3://{bucket}/elsewhere", client=s3_client()).restore_newest(
+        tmp_path / "empty") is None
+
+
 def test_retention_deletions_are_mirrored_marker_first_and_only_for_that_step(
         bucket: str, tmp_path: Path) -> None:
     """step_100000 is a key prefix of step_1000000: deleting one must not touch the other."""
