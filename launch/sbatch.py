@@ -67,7 +67,7 @@ def _teardown_lines(cfg: RunConfig, python: str) -> list[str]:
     container image alone).
     """
     lines = ["rc=$?"]
-    if not (cfg.cluster.container_image and not cfg.cluster.venv):
+    if cfg.cluster.venv or not cfg.cluster.container_image:  # the host has the ranks' Python
         job_end = shlex.join([rank_python(cfg.cluster, python), "-m", "megatron_ext.job_end",
                               str(Path(cfg.run_dir) / "config.yaml")])
         lines.append(f'if [ "$rc" -ne 0 ]; then {job_end} "$rc" || true; fi')

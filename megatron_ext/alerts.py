@@ -79,6 +79,11 @@ def render(kind: str, text: str, *, run_name: str, rank: int, hostname: str,
     return "\n".join(lines)
 
 
+def claims_dir(cfg: RunConfig) -> Path:
+    """Where a run's ``ONCE_PER_JOB`` alerts are claimed, shared by its ranks and launcher."""
+    return Path(cfg.run_dir) / ALERTS_SENT
+
+
 def first_to_claim(claim: Path, who: str) -> Optional[str]:
     """Claim ``claim`` for ``who``: None if this call did, else who had (O_EXCL create, atomic
     on the shared run folder, also on Lustre/FSx). Fails open: no folder to agree through means
@@ -129,7 +134,7 @@ class Alerts:
             return NullAlerts()
         return cls(url, run_name=cfg.name, min_interval_s=slack.min_interval_s,
                    timeout_s=slack.timeout_s, retries=slack.retries, wandb_alerts=wandb_alerts,
-                   claims_dir=Path(cfg.run_dir) / ALERTS_SENT)
+                   claims_dir=claims_dir(cfg))
 
     def send(self, kind: str, text: str, *, rank: int, fields: Optional[dict] = None) -> bool:
         """Queue an alert unless one of this kind from this rank went out recently.

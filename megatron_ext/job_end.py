@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import signal
 import sys
-from pathlib import Path
 
 from launch.config import load
-from launch.schema import ALERTS_SENT
 from megatron_ext import alerts
 
 PLANNED_EXITS = (0, 128 + signal.SIGTERM)
@@ -37,7 +35,7 @@ def explain(exit_code: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     config, code = argv if argv is not None else sys.argv[1:]
     cfg, exit_code = load(config), int(code)
-    claims = Path(cfg.run_dir) / ALERTS_SENT
+    claims = alerts.claims_dir(cfg)
     claimed = [p.name for p in claims.iterdir()] if claims.is_dir() else []
     if needs_alert(exit_code, claimed):
         alerts.Alerts.from_config(cfg, rank=alerts.LAUNCHER).send_now(

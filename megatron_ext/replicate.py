@@ -19,7 +19,6 @@ import functools
 import logging
 import os
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from boto3.s3.transfer import TransferConfig
 from launch.schema import CheckpointConfig
 from megatron_ext import commit
 from megatron_ext.background import BackgroundWorker
+from megatron_ext.ckpt_files import fresh_dir
 
 log = logging.getLogger("megatron_ext.replicate")
 
@@ -141,8 +141,7 @@ class S3Replicator:
             return None
         name, start = commit.step_dir(steps[-1]), time.monotonic()
         tmp = root / commit.tmp_dir(steps[-1])
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        fresh_dir(tmp)  # left-overs of a download cut short go
         keys = [key for key in self._keys(self._key(name)) if not key.endswith("/" + commit.MARKER)]
 
         def download(key: str) -> None:
