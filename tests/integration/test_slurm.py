@@ -44,6 +44,27 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def log_tail(job_id: str, run_dir: Path) -> str:
+    log = run_dir / "logs" / job_id / f"{job_id}_0_log.out"
+    return log.read_text()[-3000:] if log.exists() else "(no log yet)"
+
+
+def wait_for_steps(job_id: str, run_dir: Path, steps: int, timeout: float = 180) -> None:
+    """Poll until the job has logged ``steps`` training steps.
+
+    The clock restarts when Slurm starts the job (time in the queue is not slow training),
+    and a job that ends first fails at once, so a failure says where the job was."""
+    deadline, running = time.monotonic() + timeout, False
+    while len(metrics(run_dir)) < steps:
+        info = job_info(job_id)
+        if info["JobState"] == "RUNNING" and not running:
+            deadline, running = time.monotonic() + timeout, True
+        state = {key: info.get(key) for key in ("JobState", "Reason", "RunTime", "NodeList")}
+        alive = info["JobState"] in ("PENDING", "CONFIGURING", "RUNNING")
+        assert alive and time.monotonic() < deadline, (state, log_tail(job_id, run_dir))
+        time.sleep(0.5)
+
+
 def launch(workdir: Path, *overrides: str, env: dict[str, str] | None = None
            ) -> tuple[str, Path]:
     result = run_launch(*SLURM_CPU, *overrides, cwd=workdir, timeout=120, env=env)
@@ -89,10 +110,7 @@ def _interrupt_mid_run(workdir: Path, name: str, interrupt: list[str]) -> tuple[
     steps = 40
     job_id, run_dir = launch(workdir, f"name={name}", f"train.steps={steps}",
                              "train.warmup_steps=2", "checkpoint.save_interval=1000")
-    deadline = time.monotonic() + 120
-    while len(metrics(run_dir)) < 3:  # training has started, far from done
-        assert time.monotonic() < deadline, job_info(job_id)
-        time.sleep(0.5)
+    wait_for_steps(job_id, run_dir, 3)  # training has started, far from done
     subprocess.run([*interrupt, job_id], check=True)
     info = wait_for(job_id)
     log = (run_dir / "logs" / job_id / f"{job_id}_0_log.out").read_text()
@@ -140,10 +158,7 @@ def test_a_frozen_rank_ends_the_job_once_the_watchdog_fires(slurm: Path, workdir
 
 
 def _freeze_a_rank_and_wait(job_id: str, run_dir: Path) -> None:
-    deadline = time.monotonic() + 120
-    while len(metrics(run_dir)) < 3:
-        assert time.monotonic() < deadline, job_info(job_id)
-        time.sleep(0.5)
+    wait_for_steps(job_id, run_dir, 3)
     ranks = subprocess.run(["pgrep", "-f", f"^[^ ]*python[^ ]* -m megatron_ext.train {run_dir}/"],
                            capture_output=True, text=True).stdout.split()  # not srun's own
     assert len(ranks) == 2, ranks
