@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Collection
 
 from launch.config import derive_layout, to_yaml, validate
-from launch.schema import ALERTS_SENT, DataSource, Layout, RunConfig
+from launch.schema import ALERTS_SENT, RUN_CONFIG, DataSource, Layout, RunConfig
 
 
 def _absolute(path: str, base: Path) -> str:
@@ -79,6 +79,6 @@ def write_run_dir(cfg: RunConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(run_dir / ALERTS_SENT, ignore_errors=True)  # a new attempt alerts afresh
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / RUN_CONFIG
     config_path.write_text(to_yaml(cfg))
     return config_path

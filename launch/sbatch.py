@@ -19,7 +19,7 @@ from typing import Any
 
 from submitit.slurm.slurm import _make_sbatch_string
 
-from launch.schema import ALERTS_SENT, REQUEUE_REQUEST, ClusterConfig, RunConfig
+from launch.schema import ALERTS_SENT, REQUEUE_REQUEST, RUN_CONFIG, ClusterConfig, RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ def _teardown_lines(cfg: RunConfig, python: str) -> list[str]:
     lines = ["rc=$?"]
     if cfg.cluster.venv or not cfg.cluster.container_image:  # the host has the ranks' Python
         job_end = shlex.join([rank_python(cfg.cluster, python), "-m", "megatron_ext.job_end",
-                              str(Path(cfg.run_dir) / "config.yaml")])
+                              str(Path(cfg.run_dir) / RUN_CONFIG)])
         lines.append(f'if [ "$rc" -ne 0 ]; then {job_end} "$rc" || true; fi')
     if cfg.cluster.requeue:
         request = _requeue_request(cfg)

@@ -25,6 +25,8 @@ RECOMPUTE = ("none", "selective", "full")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 DATA_KINDS = ("synthetic", "indexed")
 NAN_ACTIONS = ("stop", "skip")
+RUN_CONFIG = "config.yaml"
+"""File in ``run_dir``: the resolved config every rank (and ``megatron_ext.job_end``) reads."""
 ALERTS_SENT = "alerts-sent"
 """Folder in ``run_dir`` where the first rank to send a job-wide alert (a failure, a hang) of a
 job attempt claims it, so 256 ranks hitting the same failure post one alert; cleared for each

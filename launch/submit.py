@@ -21,7 +21,7 @@ import submitit
 
 from launch import sbatch
 from launch.config import ConfigError, to_yaml
-from launch.schema import RunConfig
+from launch.schema import RUN_CONFIG, RunConfig
 
 
 def rank_command(config_path: Path, python: str = sys.executable) -> list[str]:
@@ -59,7 +59,7 @@ def dry_run_text(cfg: RunConfig, python: str = sys.executable) -> str:
     """The resolved config and, on Slurm, the sbatch script a real launch would submit."""
     text = to_yaml(cfg)
     if cfg.cluster.kind == "slurm":
-        script = sbatch.render(cfg, Path(cfg.run_dir) / "config.yaml", slurm_folder(cfg), python)
+        script = sbatch.render(cfg, Path(cfg.run_dir) / RUN_CONFIG, slurm_folder(cfg), python)
         warnings = "".join(f"warning: {p}\n" for p in shared_fs_problems(cfg))
         text += f"\n{warnings}# ---- sbatch script ----\n{script}"
     return text

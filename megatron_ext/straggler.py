@@ -57,13 +57,18 @@ def role_medians(times: list[float], roles: list[int]) -> list[float]:
     return [median[role] for role in roles]
 
 
-def find_stragglers(times: list[float], threshold: float,
-                    roles: list[int] | None = None) -> list[tuple[int, float]]:
-    """(index, slowdown) of every entry above threshold x its role's median, slowest first."""
-    medians = role_medians(times, roles or [0] * len(times))
+def above_threshold(times: list[float], medians: list[float],
+                    threshold: float) -> list[tuple[int, float]]:
+    """(index, slowdown) of every entry above threshold x its median, slowest first."""
     slow = [(i, t / m) for i, (t, m) in enumerate(zip(times, medians))
             if m > 0 and t > threshold * m]
     return sorted(slow, key=lambda item: -item[1])
+
+
+def find_stragglers(times: list[float], threshold: float,
+                    roles: list[int] | None = None) -> list[tuple[int, float]]:
+    """(index, slowdown) of every entry above threshold x its role's median, slowest first."""
+    return above_threshold(times, role_medians(times, roles or [0] * len(times)), threshold)
 
 
 class StragglerDetector:
@@ -103,7 +108,7 @@ class StragglerDetector:
         medians = role_medians(means, roles)
         reports = [StragglerReport(rank=self._global_ranks[i], hostname=hostnames[i],
                                    slowdown=slowdown, compute_s=means[i], median_s=medians[i])
-                   for i, slowdown in find_stragglers(means, self._threshold, roles)]
+                   for i, slowdown in above_threshold(means, medians, self._threshold)]
         worst = max((t / m for t, m in zip(means, medians) if m > 0), default=1.0)
         return StragglerCheck(worst_slowdown=worst, reports=reports)
 
