@@ -228,7 +228,8 @@ class CheckpointConfig:
     """The newest committed checkpoint fails verification or loading: ``fallback`` to the
     previous committed one (with a warning), or ``error`` to stop the run."""
     verify: str = "checksums"
-    """What resume checks before loading a checkpoint. ``checksums``: every shard's SHA-256
+    """What resume (and ``train.init_from`` of a training checkpoint) checks before loading a
+    checkpoint. ``checksums``: every shard's SHA-256
     against the one its writer recorded (the ranks share the re-reading; catches bytes that
     changed with the size intact). ``sizes``: file sizes and metadata only (faster resume of
     very large checkpoints on slow storage). Checksums are recorded at every save either way."""

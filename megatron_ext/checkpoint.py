@@ -265,10 +265,8 @@ class Checkpointer:
         parallel, and every rank gets the same verdict."""
         if self.cfg.verify != "checksums":
             return []
-        world, start = dist.get_world_size(), time.monotonic()
-        found: list[Any] = [None] * world
-        dist.all_gather_object(found, verify_shards(path, part=self.rank, parts=world))
-        problems = [problem for problems in found for problem in problems]
+        start = time.monotonic()
+        problems = shard_problems(path)
         if not problems and self.rank == 0:  # the resume time it costs (checkpoint.verify)
             log.info("checksums of %s verified in %.1f s", path, time.monotonic() - start)
         return problems
@@ -323,6 +321,15 @@ class Checkpointer:
     def _warn(self, fmt: str, *args: Any) -> None:
         if self.rank == 0:
             log.warning(fmt, *args)
+
+
+def shard_problems(path: Path) -> list[str]:
+    """Every rank re-hashes its share of the shards of ``path`` against their SHA-256 in the
+    manifest: the checkpoint is read once, in parallel, and every rank gets the same verdict."""
+    world = dist.get_world_size()
+    found: list[Any] = [None] * world
+    dist.all_gather_object(found, verify_shards(path, part=dist.get_rank(), parts=world))
+    return [problem for problems in found for problem in problems]
 
 
 # -- the writer process ------------------------------------------------------------------

@@ -16,10 +16,11 @@ from megatron.core.models.gpt import GPTModel
 
 from launch.schema import ModelConfig
 from megatron_ext import commit
+from megatron_ext.checkpoint import shard_problems
 from megatron_ext.ckpt_files import listing
 from megatron_ext.hf_llama import PADDED_ROWS, WeightSource, model_problems
 from megatron_ext.model import weight_shards
-from megatron_ext.weights import open_weights
+from megatron_ext.weights import TrainingCheckpoint, open_weights
 
 
 def has_checkpoint(checkpoint_dir: str) -> bool:
@@ -55,14 +56,23 @@ def copy_shard(shard: ShardedTensor, full: torch.Tensor) -> None:
     shard.data.copy_(full[index].to(shard.data.dtype))
 
 
-def load_pretrained(chunks: list[GPTModel], path: str, model_cfg: ModelConfig) -> WeightSource:
+def load_pretrained(chunks: list[GPTModel], path: str, model_cfg: ModelConfig, *,
+                    verify: str = "checksums") -> WeightSource:
     """Overwrite every weight of this rank's chunks with the pretrained model at ``path``.
 
     ``path`` is a Hugging Face Llama directory, one converted by ``tools.convert_hf``, or a
-    training run's checkpoint (its ``checkpoint.dir`` or a committed ``step_<N>``; every rank
-    reads its blocks, so shard checksums are left to resume and export).
+    training run's checkpoint (its ``checkpoint.dir`` or a committed ``step_<N>``). A
+    checkpoint is checked as resume checks one (``checkpoint.verify``): with ``checksums`` the
+    ranks share the re-hashing, so a silently changed shard stops the run before any step.
+    Collective: every rank calls it.
     """
     source = open_weights(path, checksums=False)
+    if isinstance(source, TrainingCheckpoint) and verify == "checksums":
+        corrupt = shard_problems(source.folder)
+        if corrupt:
+            raise ValueError(f"train.init_from={path}: {source.folder} does not match its "
+                             f"manifest: {'; '.join(corrupt)}; use an older committed "
+                             "step_<N> folder instead")
     problems = model_problems(source.model, model_cfg)
     if problems:
         raise ValueError(f"train.init_from={path}: the model config does not match:\n  "

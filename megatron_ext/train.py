@@ -78,7 +78,7 @@ def build(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Al
     if t.reproducible_init:
         init_layout_independent(chunks, cfg.model, t.seed)
     if t.init_from and not has_checkpoint(cfg.checkpoint.dir):  # CPT start; a resume wins
-        load_pretrained(chunks, t.init_from, cfg.model)
+        load_pretrained(chunks, t.init_from, cfg.model, verify=cfg.checkpoint.verify)
     model = wrap_ddp(chunks, config, cfg)
     optimizer, scheduler = build_optimizer(model, config, cfg)
     dataset = build_train_dataset(cfg, cache_dir=str(run_dir / "data_cache"))

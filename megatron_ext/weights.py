@@ -42,8 +42,8 @@ from megatron_ext.hf_llama import (
 
 def open_weights(path: str | Path, *, checksums: bool = True) -> WeightSource:
     """The weights at ``path``: a converted or Hugging Face directory, else a training run's
-    checkpoint. ``checksums``: re-hash a checkpoint's shards first (one process reads them
-    all; the ranks of a run starting from it check sizes and metadata only)."""
+    checkpoint. ``checksums``: re-hash a checkpoint's shards first, in this process (a run
+    starting from it shares the re-hashing over its ranks instead: ``load_pretrained``)."""
     folder = Path(path)
     if (folder / META_FILE).is_file():
         return Converted(folder)

@@ -180,6 +180,18 @@ def test_a_corrupt_checkpoint_stops_the_run_with_on_corrupt_error(reference, tmp
     assert _losses(tmp_path / "run") == {}  # not one step on a bad state
 
 
+def test_init_from_a_corrupt_training_checkpoint_stops_before_any_step(reference, tmp_path):
+    """``train.init_from`` of another run's checkpoint is checked as resume checks one: a
+    shard whose bytes changed (same size) is refused, not trained on."""
+    ckpt_dir, refusal = _corrupt_newest(reference[0], tmp_path, _flip_a_byte)
+    step = ckpt_dir / commit.step_dir(8)
+    result = _torchrun(_config(tmp_path / "run", tmp_path / "fresh", f"train.init_from={step}"))
+    assert result.returncode != 0
+    assert f"train.init_from={step}: {step} does not match its manifest: {refusal}" in (
+        result.stdout + result.stderr), result.stderr[-3000:]
+    assert _losses(tmp_path / "run") == {}
+
+
 def test_the_default_optimizer_format_refuses_a_tp_change_clearly(reference, tmp_path):
     refused = _torchrun(_config(tmp_path / "run", _checkpoints(reference[0], tmp_path / "dp", 4),
                                 "parallel=tp2"))
