@@ -3,8 +3,8 @@
 In synchronous training the slowest rank sets the step time, but the others only see longer
 collectives. Each rank times its own compute (its forward passes: ``StepResult.forward_s``);
 every ``report_interval`` steps one all_gather of the per-rank mean compares them to the
-median rank's of the same pipeline stage (stages differ by design: embedding, loss; the lower
-median, so with 2 ranks the faster one is the yardstick). The caller
+median rank's of the same pipeline position (``pipeline_position``: the first and last stages
+do more by design; the lower median, so with 2 ranks the faster one is the yardstick). The caller
 decides what to do with the reports (log on rank 0, alert). Within a tensor-parallel group
 the ranks wait for each other inside the forward, so a slow GPU there shows as its group.
 """
@@ -47,9 +47,20 @@ class StragglerCheck:
     """Ranks above the threshold, slowest first."""
 
 
+def pipeline_position(pp_rank: int, pp_size: int) -> int:
+    """A pipeline stage's role in the comparison: 0 first, 1 between, 2 last.
+
+    The first stage embeds and the last computes the loss over the vocabulary; the stages
+    between them run the same number of layers, so they are compared with each other. With
+    PP=8 and a single data-parallel replica that still leaves six ranks to compare."""
+    if pp_rank == 0:
+        return 0
+    return 2 if pp_rank == pp_size - 1 else 1
+
+
 def role_medians(times: list[float], roles: list[int]) -> list[float]:
-    """Each entry's yardstick: the lower median of the entries with its role (pipeline stage:
-    the first and last stages embed and compute the loss, so they are slower by design)."""
+    """Each entry's yardstick: the lower median of the entries with its role
+    (``pipeline_position``)."""
     by_role: dict[int, list[float]] = {}
     for t, role in zip(times, roles):
         by_role.setdefault(role, []).append(t)
@@ -76,7 +87,7 @@ class StragglerDetector:
 
     def __init__(self, group: Optional[dist.ProcessGroup], report_interval: int,
                  threshold: float, rank: int, hostname: str, role: int = 0) -> None:
-        """``role``: ranks are compared with the ranks of the same role (their pipeline stage)."""
+        """``role``: ranks are compared with the ranks of the same role (``pipeline_position``)."""
         self._group, self._interval, self._threshold = group, report_interval, threshold
         self._role = role
         self._hostname = hostname

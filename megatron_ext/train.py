@@ -33,7 +33,7 @@ from megatron_ext.optim import build_optimizer, wrap_ddp
 from megatron_ext.reporting import StepReporter
 from megatron_ext.signals import StopSignals
 from megatron_ext.step import StepResult, train_step
-from megatron_ext.straggler import NullStragglerDetector, StragglerDetector
+from megatron_ext.straggler import NullStragglerDetector, StragglerDetector, pipeline_position
 from megatron_ext.watchdog import NullWatchdog, Watchdog, record_collectives
 from tools.memory import predict
 
@@ -158,8 +158,9 @@ class Loop:
         watchdog = Watchdog.from_config(cfg, rank=env.rank, run_dir=Path(cfg.run_dir),
                                         on_hang=functools.partial(alerts.send_now,
                                                                   alert_kinds.HANG, rank=env.rank))
-        straggler = StragglerDetector.from_config(cfg, group=None, rank=env.rank,
-                                                  hostname=env.hostname, role=parallel.pp_rank())
+        straggler = StragglerDetector.from_config(
+            cfg, group=None, rank=env.rank, hostname=env.hostname,
+            role=pipeline_position(parallel.pp_rank(), layout.pp))
         return cls(cfg, env, run, alerts, report, watchdog, straggler,
                    StopSignals(cfg.cluster.signal), use_gpu)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_ext.straggler import (NullStragglerDetector, StragglerDetector, StragglerReport,
-                                    find_stragglers)
+                                    find_stragglers, pipeline_position)
 from tests.conftest import make_config
 
 
@@ -24,6 +24,18 @@ def test_ranks_are_compared_within_their_pipeline_stage():
     found = find_stragglers(times, threshold=1.5, roles=roles)
     assert [rank for rank, _ in found] == [5] and found[0][1] == pytest.approx(4.4 / 2.1)
     assert [rank for rank, _ in find_stragglers(times, threshold=1.5)] == [5, 3, 2]  # mixed up
+
+
+def test_the_stages_between_first_and_last_are_compared_with_each_other():
+    """PP=4 with a single data-parallel replica: one rank per stage, yet a slow middle stage is
+    found; the first (embedding) and last (loss) stages are slower by design and not blamed."""
+    roles = [pipeline_position(stage, 4) for stage in range(4)]
+    assert roles == [0, 1, 1, 2]
+    assert [pipeline_position(stage, 2) for stage in range(2)] == [0, 2]
+    assert pipeline_position(0, 1) == 0
+    times = [1.2, 0.8, 1.7, 1.5]
+    assert find_stragglers(times, threshold=1.5, roles=roles) == [(2, pytest.approx(1.7 / 0.8))]
+    assert find_stragglers([1.2, 0.8, 0.85, 1.5], threshold=1.5, roles=roles) == []
 
 
 def test_with_two_ranks_the_faster_one_is_the_yardstick():
