@@ -261,8 +261,7 @@ class Checkpointer:
         return found
 
     def _verify_checksums(self, path: Path) -> list[str]:
-        """Every rank re-hashes its share of the shards: the checkpoint is read once, in
-        parallel, and every rank gets the same verdict."""
+        """``shard_problems`` under ``checkpoint.verify=checksums``, with the time it cost."""
         if self.cfg.verify != "checksums":
             return []
         start = time.monotonic()

@@ -20,7 +20,7 @@ from megatron_ext.checkpoint import shard_problems
 from megatron_ext.ckpt_files import listing
 from megatron_ext.hf_llama import PADDED_ROWS, WeightSource, model_problems
 from megatron_ext.model import weight_shards
-from megatron_ext.weights import TrainingCheckpoint, open_weights
+from megatron_ext.weights import open_weights
 
 
 def has_checkpoint(checkpoint_dir: str) -> bool:
@@ -66,13 +66,10 @@ def load_pretrained(chunks: list[GPTModel], path: str, model_cfg: ModelConfig, *
     ranks share the re-hashing, so a silently changed shard stops the run before any step.
     Collective: every rank calls it.
     """
-    source = open_weights(path, checksums=False)
-    if isinstance(source, TrainingCheckpoint) and verify == "checksums":
-        corrupt = shard_problems(source.folder)
-        if corrupt:
-            raise ValueError(f"train.init_from={path}: {source.folder} does not match its "
-                             f"manifest: {'; '.join(corrupt)}; use an older committed "
-                             "step_<N> folder instead")
+    try:
+        source = open_weights(path, shard_check=shard_problems if verify == "checksums" else None)
+    except ValueError as exc:
+        raise ValueError(f"train.init_from={path}: {exc}") from exc
     problems = model_problems(source.model, model_cfg)
     if problems:
         raise ValueError(f"train.init_from={path}: the model config does not match:\n  "

@@ -76,12 +76,6 @@ def above_threshold(times: list[float], medians: list[float],
     return sorted(slow, key=lambda item: -item[1])
 
 
-def find_stragglers(times: list[float], threshold: float,
-                    roles: list[int] | None = None) -> list[tuple[int, float]]:
-    """(index, slowdown) of every entry above threshold x its role's median, slowest first."""
-    return above_threshold(times, role_medians(times, roles or [0] * len(times)), threshold)
-
-
 class StragglerDetector:
     """Accumulates this rank's compute time; compares all ranks once per interval."""
 

@@ -9,8 +9,9 @@ never the optimizer state. Uncommitted folders are never read (the rules resume 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -40,16 +41,26 @@ from megatron_ext.hf_llama import (
 )
 
 
-def open_weights(path: str | Path, *, checksums: bool = True) -> WeightSource:
+ShardCheck = Callable[[Path], list[str]]
+"""Re-hashes a checkpoint folder's shards against its manifest; the problems found."""
+
+
+def rehash_here(folder: Path) -> list[str]:
+    """Every shard re-hashed by this one process (the exporter)."""
+    return verify_shards(folder, part=0, parts=1)
+
+
+def open_weights(path: str | Path, *,
+                 shard_check: Optional[ShardCheck] = rehash_here) -> WeightSource:
     """The weights at ``path``: a converted or Hugging Face directory, else a training run's
-    checkpoint. ``checksums``: re-hash a checkpoint's shards first, in this process (a run
-    starting from it shares the re-hashing over its ranks instead: ``load_pretrained``)."""
+    checkpoint, whose shards ``shard_check`` re-hashes first (a run starting from it shares
+    the work over its ranks: ``checkpoint.shard_problems``; None: sizes and metadata only)."""
     folder = Path(path)
     if (folder / META_FILE).is_file():
         return Converted(folder)
     if (folder / "config.json").is_file():
         return HFLlama(folder)
-    return TrainingCheckpoint(committed_checkpoint(folder, checksums=checksums))
+    return TrainingCheckpoint(committed_checkpoint(folder, shard_check=shard_check))
 
 
 class _BlockPlanner(DefaultLoadPlanner):
@@ -98,10 +109,11 @@ class TrainingCheckpoint:
         return block.reshape(shape)
 
 
-def committed_checkpoint(path: Path, *, checksums: bool = True) -> Path:
+def committed_checkpoint(path: Path, *,
+                         shard_check: Optional[ShardCheck] = rehash_here) -> Path:
     """``path`` itself if it is a committed ``step_<N>``, else the newest committed one under
-    it (a run's ``checkpoint.dir``); verified against its manifest (``checksums``: the shards'
-    SHA-256 too, else sizes and metadata).
+    it (a run's ``checkpoint.dir``); verified against its manifest (sizes and metadata, then
+    the shards' SHA-256 by ``shard_check`` unless it is None).
 
     Uncommitted folders (``.tmp``, or no marker: a save killed or still being written) are
     never read, the same rules ``Checkpointer.load_latest`` resumes by.
@@ -121,7 +133,7 @@ def committed_checkpoint(path: Path, *, checksums: bool = True) -> Path:
                              f"{commit.MARKER}){skipped}, no converted checkpoint ({META_FILE}) "
                              "and no Hugging Face model (config.json)")
         chosen = path / commit.step_dir(newest[0])
-    problems = verify(chosen) or (verify_shards(chosen, part=0, parts=1) if checksums else [])
+    problems = verify(chosen) or (shard_check(chosen) if shard_check else [])
     if problems:
         raise ValueError(f"{chosen} does not match its manifest: {'; '.join(problems)}; use "
                          "an older committed step_<N> folder instead")

@@ -4,8 +4,14 @@ from __future__ import annotations
 import pytest
 
 from megatron_ext.straggler import (NullStragglerDetector, StragglerDetector, StragglerReport,
-                                    find_stragglers, pipeline_position)
+                                    above_threshold, pipeline_position, role_medians)
 from tests.conftest import make_config
+
+
+def find_stragglers(times: list[float], threshold: float,
+                    roles: list[int] | None = None) -> list[tuple[int, float]]:
+    """What ``StragglerDetector.step`` reports for these per-rank times."""
+    return above_threshold(times, role_medians(times, roles or [0] * len(times)), threshold)
 
 
 def test_no_straggler_among_equal_ranks():
