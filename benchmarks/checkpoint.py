@@ -109,7 +109,7 @@ def transformer_impl() -> str:
 def run_mode(name: str, mode: str, nproc: int, saves: int, scratch: Path, gpu: bool) -> dict:
     """One torchrun launch: ``nproc`` ranks of one model saving in one mode."""
     from launch.config import check, compose, to_run_config, to_yaml
-    from tools.flops import param_count
+    from launch.planning.flops import param_count
 
     run_dir = scratch / name / mode
     run_dir.mkdir(parents=True)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from launch.schema import ModelConfig
-from tools.flops import padded_vocab_size
+from launch.planning.flops import padded_vocab_size
 
 
 class Block(nn.Module):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from launch.config import compose, to_run_config
-from tools.planner import search
+from launch.planning.planner import search
 
 OVERRIDES = ["model=llama3_70b", "train=pretrain", "cluster=hyperpod_p5", "cluster.nodes=32"]
 RESULT = Path(__file__).resolve().parent / "results" / "planner_search.json"

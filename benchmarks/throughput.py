@@ -12,8 +12,8 @@ all alike, prints a table and writes benchmarks/results/throughput_<device>.json
   from megatron-core alone (its quick-start loop), on the process groups the framework made.
 - ``pytorch``: ``plain_llama.PlainLlama`` with AdamW (``--compile``: torch.compile, GPU default).
 
-TFLOP/s use ``tools.flops.flops_per_token`` (the W&B metrics' formula); MFU (GPU only) is against
-``tools.flops.GPU_PEAK_BF16_TFLOPS`` of the GPU ``torch.cuda.get_device_name`` names. On CPU,
+TFLOP/s use ``launch.planning.flops.flops_per_token`` (the W&B metrics' formula); MFU (GPU only) is against
+``launch.planning.flops.GPU_PEAK_BF16_TFLOPS`` of the GPU ``torch.cuda.get_device_name`` names. On CPU,
 ``megatron_ext.cpu.cpu_mode`` (megatron-core needs it) adds microseconds per torch call to all.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from plain_llama import PlainLlama  # beside this script
 
 from launch.config import check, compose, derive_layout, to_run_config
 from launch.schema import ModelConfig, RunConfig
-from tools.flops import GPU_PEAK_BF16_TFLOPS, flops_per_token, padded_vocab_size, param_count
+from launch.planning.flops import GPU_PEAK_BF16_TFLOPS, flops_per_token, padded_vocab_size, param_count
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULTS = {

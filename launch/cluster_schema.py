@@ -17,7 +17,7 @@ SIGNAL_SPEC = re.compile(r"(USR1|USR2|TERM|INT|HUP|URG)@[0-9]{1,5}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|WEBHOOK", re.IGNORECASE)
 GPU_TYPES = ("H100", "H200", "A100", "B200")
-"""GPU models the planner and the MFU metric know the peak of (tools/flops.py)."""
+"""GPU models the planner and the MFU metric know the peak of (launch/planning/flops.py)."""
 
 
 @dataclass

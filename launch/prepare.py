@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Collection
 
-from launch.config import derive_layout, to_yaml, validate
+from launch.config import CONF_DIR, derive_layout, to_yaml, validate
+from launch.planning.planner import configure, describe_pinned, explain_no_fit, pinned, plan
 from launch.schema import ALERTS_SENT, RUN_CONFIG, DataSource, Layout, RunConfig
 
 
@@ -44,8 +48,6 @@ def choose_layout(cfg: RunConfig, explicit: Collection[str] = frozenset()
     never plan. GPU clusters also get the memory check: an explicit layout predicted not to fit
     is refused.
     """
-    from tools.planner import configure, describe_pinned, explain_no_fit, pinned, plan
-
     if not cfg.parallel.auto:
         layout = derive_layout(cfg)
         if cfg.cluster.kind == "slurm" and not validate(cfg, layout):
@@ -68,10 +70,15 @@ def choose_layout(cfg: RunConfig, explicit: Collection[str] = frozenset()
 
 
 def prepare_data(cfg: RunConfig) -> None:
+    """Build the demo dataset where it is missing, with the data tool run as its own program:
+    tools stand on launch, never the other way round (README, "Project layout")."""
     if cfg.data.prepare_demo:
-        from tools.demo_data import prepare
-
-        prepare(Path(cfg.data.sources[0].path).parent, vocab_size=cfg.model.vocab_size)
+        out_dir = Path(cfg.data.sources[0].path).parent
+        command = [sys.executable, "-m", "tools.demo_data", str(out_dir),
+                   "--vocab-size", str(cfg.model.vocab_size)]
+        if subprocess.run(command, cwd=CONF_DIR.parent).returncode != 0:
+            raise SystemExit("error: data.prepare_demo: building the demo data failed: "
+                             f"{shlex.join(command)}")
 
 
 def write_run_dir(cfg: RunConfig) -> Path:

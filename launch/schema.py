@@ -89,7 +89,8 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the model is split. ``auto`` asks the planner (tools/planner.py) for the layout."""
+    """How the model is split. ``auto`` asks the planner (``launch.planning.planner``) for the
+    layout."""
 
     name: str = "dp"
     auto: bool = False

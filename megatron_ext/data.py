@@ -19,18 +19,18 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer as MegatronTokenizer
 
 from launch.schema import DataConfig, RunConfig
-from tools import prepare_data
+from launch import tokenizer as tokenizer_rule
 
 
 class HFTokenizer(MegatronTokenizer):
     """A local Hugging Face tokenizer (``tokenizer.json`` or its directory) in megatron's
-    tokenizer interface; the end-of-document token is found as tools.prepare_data finds it
+    tokenizer interface; the end-of-document token is found by ``launch.tokenizer``'s rule
     (``tokenizer_config.json``'s eos_token, else ``<|endoftext|>``, Llama 3's
     ``<|end_of_text|>``...), so training splits documents where the data has them."""
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
-        self._tokenizer, self._eod = prepare_data.load_tokenizer(Path(path))
+        self._tokenizer, self._eod = tokenizer_rule.load_tokenizer(Path(path))
 
     def tokenize(self, text: str) -> list[int]:
         return self._tokenizer.encode(text).ids

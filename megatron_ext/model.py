@@ -20,7 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from launch.schema import Layout, ModelConfig, TrainConfig
 from megatron_ext import parallel
-from tools.flops import padded_vocab_size
+from launch.planning.flops import padded_vocab_size
 
 # Megatron scales the init of the two projections that write into the residual stream.
 _RESIDUAL_OUTPUT_WEIGHTS = ("linear_proj.weight", "linear_fc2.weight")

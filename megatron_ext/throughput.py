@@ -1,6 +1,6 @@
 """What one step achieved: tokens/s, model TFLOP/s and MFU per GPU, peak memory.
 
-The FLOPs come from ``tools.flops.flops_per_token``, the formula the planner predicts with, so
+The FLOPs come from ``launch.planning.flops.flops_per_token``, the formula the planner predicts with, so
 a predicted and a measured MFU mean the same thing. MFU is reported on GPUs only: it is the
 achieved model FLOP/s over ``cluster.gpu``'s dense bf16 peak, and a CPU has no such peak.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from launch.schema import RunConfig
-from tools.flops import GPU_PEAK_BF16_TFLOPS, flops_per_token
+from launch.planning.flops import GPU_PEAK_BF16_TFLOPS, flops_per_token
 
 _GIB = 2**30
 
@@ -47,7 +47,7 @@ class Throughput:
 
 
 def peak_memory(use_gpu: bool) -> dict[str, float]:
-    """This rank's peak so far: the allocator's on a GPU (what tools.memory predicts), the
+    """This rank's peak so far: the allocator's on a GPU (what launch.planning.memory predicts), the
     process's resident set on CPU (Linux reports ``ru_maxrss`` in KiB)."""
     if use_gpu:
         return {"peak_memory_allocated_gib": torch.cuda.max_memory_allocated() / _GIB,

@@ -35,7 +35,7 @@ from megatron_ext.signals import StopSignals
 from megatron_ext.step import StepResult, train_step
 from megatron_ext.straggler import NullStragglerDetector, StragglerDetector, pipeline_position
 from megatron_ext.watchdog import NullWatchdog, Watchdog, record_collectives
-from tools.memory import predict
+from launch.planning.memory import predict
 
 log = logging.getLogger("megatron_ext.train")
 

@@ -35,7 +35,7 @@ from megatron_ext.hf_llama import (
     to_hf,
 )
 from megatron_ext.weights import TrainingCheckpoint, open_weights
-from tools.prepare_data import load_tokenizer, tokenizer_file
+from launch.tokenizer import load_tokenizer, tokenizer_file
 
 
 def layout_problems(model: dict[str, Any], tp: int, pp: int) -> list[str]:

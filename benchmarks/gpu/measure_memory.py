@@ -1,4 +1,4 @@
-"""Measure the peak GPU memory of the framework's own training step, beside tools.memory's
+"""Measure the peak GPU memory of the framework's own training step, beside launch.planning.memory's
 prediction, into tests/data/memory_measurements.json (tests/unit/test_memory_measured.py
 compares the two).
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from launch.config import check, compose, derive_layout, to_run_config, to_yaml
 from launch.cluster_schema import GPU_TYPES
 from launch.schema import RunConfig
-from tools.memory import GIB, predict
+from launch.planning.memory import GIB, predict
 
 REPO = Path(__file__).resolve().parents[2]
 RESULT = REPO / "tests" / "data" / "memory_measurements.json"

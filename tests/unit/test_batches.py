@@ -5,7 +5,7 @@ import pytest
 
 from launch.schema import ModelConfig
 from megatron_ext.data import BatchPlan
-from tools.flops import padded_vocab_size
+from launch.planning.flops import padded_vocab_size
 
 
 def _global_batch(gbs: int, mbs: int, dp: int, consumed: int) -> list[int]:

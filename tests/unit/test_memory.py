@@ -10,8 +10,8 @@ import pytest
 
 from launch.schema import Layout, RunConfig
 from tests.conftest import REPO, make_config
-from tools.flops import flops_per_token, mfu, param_count
-from tools.memory import (
+from launch.planning.flops import flops_per_token, mfu, param_count
+from launch.planning.memory import (
     GIB,
     MemoryBreakdown,
     activation_bytes,

@@ -1,4 +1,4 @@
-"""The activation term of tools.memory against what megatron-core really saves, measured on CPU.
+"""The activation term of the memory predictor (launch.planning.memory) against what megatron-core really saves, measured on CPU.
 
 A rank's GPTModel, built by the trainer's own ``build_model`` (local spec, whose unfused attention
 materialises the scores; fp32, as CPU ranks compute), runs one forward pass with the loss under
@@ -15,7 +15,7 @@ from multiprocessing import get_context
 from launch.schema import Layout, ModelConfig, RunConfig, TrainConfig
 from tests.conftest import make_config
 from tests.unit.megatron_forward import cpu_rank, free_port
-from tools.memory import saved_activation_bytes
+from launch.planning.memory import saved_activation_bytes
 
 ONE_RANK = Layout(tp=1, pp=1, cp=1, dp=1)
 TOLERANCE = 1e-3

@@ -1,4 +1,4 @@
-"""tools.memory against peak memory measured on a GPU (benchmarks/gpu/measure_memory.py).
+"""The memory predictor (launch.planning.memory) against peak memory measured on a GPU (benchmarks/gpu/measure_memory.py).
 
 Each measurement stores the overrides it ran with; the prediction is made now from the same
 config, so a change to the formula is judged against the measurements at once. Allocated is
@@ -13,7 +13,7 @@ import pytest
 
 from launch.config import derive_layout
 from tests.conftest import REPO, make_config
-from tools.memory import MemoryBreakdown, predict
+from launch.planning.memory import MemoryBreakdown, predict
 
 MEASUREMENTS = REPO / "tests" / "data" / "memory_measurements.json"
 MEDIAN_ERROR = 0.03

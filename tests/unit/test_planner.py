@@ -14,8 +14,8 @@ from launch.config import validate
 from launch.schema import Layout
 from launch.config import explicit_keys
 from tests.conftest import REPO, make_config, run_launch
-from tools.memory import predict
-from tools.planner import (
+from launch.planning.memory import predict
+from launch.planning.planner import (
     Hardware,
     PlannedLayout,
     candidate_layouts,

@@ -9,7 +9,8 @@ import pytest
 
 from tools import prepare_data
 from tools.demo_data import EOD_TOKEN, train_tokenizer
-from tools.prepare_data import load_tokenizer, main, prepare, token_dtype
+from launch.tokenizer import load_tokenizer
+from tools.prepare_data import main, prepare, token_dtype
 from tools.text_filters import Options, apply, dedup_key, redact
 
 DOCS = [

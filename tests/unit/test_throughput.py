@@ -5,7 +5,7 @@ import pytest
 
 from megatron_ext.throughput import Throughput, peak_memory
 from tests.conftest import make_config
-from tools.flops import flops_per_token
+from launch.planning.flops import flops_per_token
 
 
 def test_mfu_is_model_flops_per_gpu_over_the_configured_gpu_s_peak():

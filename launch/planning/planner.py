@@ -1,0 +1,328 @@
+"""Find the fastest parallel layout that fits: enumerate, predict memory, estimate time, rank.
+
+Pure Python, no torch. A candidate is a ``Layout`` x micro-batch size x recomputation mode;
+the rules are those of ``launch.config.validate`` (a unit test checks every planned layout
+against it), applied here without building a config per candidate so a 70B search on 256 GPUs
+takes milliseconds. Settings the user gave explicitly are ``pinned``: the search keeps them.
+
+Step-time model (one optimizer step, seconds), per rank:
+  compute  = FLOPs / (world * peak * achieved fraction), FLOPs = ``flops_per_token`` * tokens,
+             plus recomputation: full repeats the layers' forward (+1/3 of their FLOPs),
+             selective repeats the attention scores (+4 L h s per token);
+  per micro-batch  t_mb = compute / m + kernel launches of L/p layers + TP, CP and PP
+                   communication of one micro-batch;
+  pipeline = t_mb * (m + (p - 1) / v)   (bubble fraction (p-1) / (m v + p - 1));
+  step     = pipeline + DP gradient reduce-scatter and parameter all-gather, counted in full
+             (parallel.overlap_grad_reduce / overlap_param_gather hide part of it; not
+             modelled, so an upper bound for them).
+Communication time = bytes each GPU sends / bandwidth of the link the group spans: NVLink
+inside a node, the node's network across nodes (``Hardware.for_cluster``). Megatron orders
+ranks tp, cp, dp, pp (tp fastest), so a group stays inside a node when the product of its own
+and the faster sizes fits in one node.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Collection, Iterator, Mapping, Optional
+
+from launch.schema import RECOMPUTE, ClusterConfig, Layout, RunConfig
+from launch.planning.flops import GPU_PEAK_BF16_TFLOPS, flops_per_token, kv_channels
+from launch.planning.memory import predict, predict_all, stage_params
+
+MICRO_BATCH_SIZES = (1, 2, 4, 8)
+SEARCHED = ("parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp", "parallel.dp",
+            "parallel.sp", "train.micro_batch_size", "train.recompute")
+"""What the planner chooses, unless the command line gives it (``pinned``)."""
+NOTHING_PINNED: Mapping[str, Any] = MappingProxyType({})
+
+
+NVLINK_BUS_GB_S = {"A100": 240.0, "H100": 360.0, "H200": 360.0, "B200": 720.0}
+"""NCCL bus bandwidth per GPU inside a node, GB/s: 80% of the NVLink's one-way rate, which
+nccl-tests' all-gather/reduce-scatter reach on NVSwitch nodes. NVIDIA data sheets: A100 SXM
+NVLink 3, 600 GB/s both ways (300 one way; nccl-tests measure 230-250 GB/s busbw on 8 x A100);
+H100 and H200 SXM NVLink 4, 900 GB/s (450); B200 NVLink 5, 1.8 TB/s (900)."""
+NODE_NETWORK_GBIT_S = {
+    ("efa", "A100"): 400, ("efa", "H100"): 3200, ("efa", "H200"): 3200, ("efa", "B200"): 3200,
+    ("none", "A100"): 1600, ("none", "H100"): 3200, ("none", "H200"): 3200, ("none", "B200"): 3200,
+}
+"""Inter-node bandwidth of one node, Gb/s, by ``cluster.interconnect`` and ``cluster.gpu``.
+efa: the AWS instance with 8 of those GPUs (AWS's instance-type pages): p4d.24xlarge 400 Gb/s
+(4 EFA), p5.48xlarge 3,200 (32 EFA), p5e/p5en.48xlarge 3,200, p6-b200.48xlarge 3,200 (EFAv4).
+none (any Slurm site): NVIDIA's DGX reference fabric, one InfiniBand port per GPU: HDR 200 Gb/s
+on DGX A100, NDR 400 Gb/s on DGX H100/H200/B200."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the step-time model needs to know about the GPUs and their links."""
+
+    gpu: str
+    nvlink_gb_s: float
+    """NCCL bus bandwidth per GPU inside a node (``NVLINK_BUS_GB_S``)."""
+    internode_gb_s: float
+    """Per GPU across nodes: the node's network shared by its GPUs (p5: 3,200 Gb/s / 8 = 50 GB/s,
+    p4d: 400 Gb/s / 8 = 6.25 GB/s)."""
+    achieved_fraction: float = 0.45
+    """Share of peak the matrix math reaches: 430-490 of 989 TFLOP/s measured for a 1.5B Llama
+    with the TE spec on one H100 (ARCHITECTURE.md); assumed for every GPU type until measured.
+    Communication and bubble are modelled apart."""
+    latency_s: float = 20e-6
+    """Fixed cost of one NCCL collective or p2p transfer (small-message latency)."""
+    layer_overhead_s: float = 100e-6
+    """Kernel launches of one layer's forward and backward for one micro-batch (~40 kernels
+    of a few microseconds); what makes tiny micro-batches and deep pipelines cost something."""
+
+    @classmethod
+    def for_cluster(cls, cluster: ClusterConfig) -> "Hardware":
+        """The one place GPU type and interconnect become rates (``cluster.gpu``,
+        ``cluster.interconnect``, ``cluster.gpus_per_node``)."""
+        network = NODE_NETWORK_GBIT_S[(cluster.interconnect, cluster.gpu)]
+        return cls(gpu=cluster.gpu, nvlink_gb_s=NVLINK_BUS_GB_S[cluster.gpu],
+                   internode_gb_s=network / 8 / cluster.gpus_per_node)
+
+    @property
+    def peak_flops(self) -> float:
+        return GPU_PEAK_BF16_TFLOPS[self.gpu] * 1e12
+
+
+@dataclass(frozen=True)
+class PlannedLayout:
+    """One ranked candidate: the layout, its per-step settings and the predictions."""
+
+    tp: int
+    pp: int
+    vpp: int
+    cp: int
+    dp: int
+    sp: bool
+    micro_batch_size: int
+    recompute: str
+    peak_gib: float
+    """Predicted peak allocated memory (``MemoryBreakdown.peak_gib``)."""
+    required_gib: float
+    """All the device memory it needs (``MemoryBreakdown.required_gib``); ``fits`` judges this."""
+    step_time_s: float
+    tokens_per_s_per_gpu: float
+    fits: bool
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(tp=self.tp, pp=self.pp, cp=self.cp, dp=self.dp, vpp=self.vpp, sp=self.sp)
+
+    def describe(self) -> str:
+        return (f"{self.layout.describe()} micro_batch_size={self.micro_batch_size} "
+                f"recompute={self.recompute}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def pinned(cfg: RunConfig, explicit: Collection[str]) -> dict[str, Any]:
+    """The ``SEARCHED`` settings among ``explicit`` (dotted keys given on the command line, see
+    ``launch.config.explicit_keys``), by short name, with their values from ``cfg``."""
+    out = {}
+    for key in SEARCHED:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if key in explicit and value is not None:
+            out[name] = value
+    return out
+
+
+def describe_pinned(pins: Mapping[str, Any]) -> str:
+    """`` with parallel.tp=8 ...`` for messages; empty when nothing is pinned."""
+    given = [f"{key}={pins[key.split('.')[1]]}" for key in SEARCHED if key.split(".")[1] in pins]
+    return f" with {' '.join(given)} as given" if given else ""
+
+
+def candidate_layouts(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) -> Iterator[Layout]:
+    """Every layout ``launch.config.validate`` accepts for this model and cluster, and that
+    keeps the ``pins``.
+
+    TP within a node and dividing heads and query groups; PP * VPP dividing the layers; CP with
+    the sequence divisible by 2 CP; DP = world / (TP PP CP); SP, unless pinned, on whenever
+    TP > 1 and the Transformer Engine spec is used (it only saves memory). Batch rules are per
+    micro-batch.
+    """
+    m, world, s = cfg.model, cfg.cluster.world_size, cfg.train.seq_length
+
+    def kept(name: str, value: int) -> bool:
+        return pins.get(name, value) == value
+
+    for tp in _divisors(min(cfg.cluster.gpus_per_node, world)):
+        if (world % tp or m.num_attention_heads % tp or m.num_query_groups % tp
+                or not kept("tp", tp)):
+            continue
+        sp = pins.get("sp", tp > 1 and m.transformer_impl == "transformer_engine")
+        if sp and (tp == 1 or m.transformer_impl == "local" or s % tp):
+            continue
+        for pp in _divisors(world // tp):
+            if m.num_layers % pp or not kept("pp", pp):
+                continue
+            for cp in _divisors(world // (tp * pp)):
+                dp = world // (tp * pp * cp)
+                if (cp > 1 and s % (2 * cp)) or not kept("cp", cp) or not kept("dp", dp):
+                    continue
+                for vpp in _divisors(m.num_layers // pp) if pp > 1 else [1]:
+                    if kept("vpp", vpp):
+                        yield Layout(tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp, sp=sp)
+
+
+def settings(cfg: RunConfig, layout: Layout,
+             pins: Mapping[str, Any] = NOTHING_PINNED) -> list[tuple[int, str]]:
+    """The (micro_batch_size, recompute) pairs to try on ``layout``: the pinned values, or every
+    size the global batch splits into and every mode. Full recomputation needs its groups of
+    ``train.recompute_num_layers`` to tile each model chunk (megatron's uniform method)."""
+    sizes = [pins["micro_batch_size"]] if "micro_batch_size" in pins else MICRO_BATCH_SIZES
+    modes = [pins["recompute"]] if "recompute" in pins else RECOMPUTE
+    chunk = cfg.model.num_layers // (layout.pp * layout.vpp)
+    return [(b, r) for b in sizes if micro_batches(cfg, layout, b) is not None for r in modes
+            if r != "full" or chunk % cfg.train.recompute_num_layers == 0]
+
+
+def micro_batches(cfg: RunConfig, layout: Layout, micro_batch_size: int) -> Optional[int]:
+    """Micro-batches per step, or None when the global batch rules out this combination."""
+    per_replica = micro_batch_size * layout.dp
+    if cfg.train.global_batch_size % per_replica:
+        return None
+    m = cfg.train.global_batch_size // per_replica
+    return None if layout.vpp > 1 and m % layout.pp else m
+
+
+def _bandwidth(hw: Hardware, cfg: RunConfig, span: int) -> float:
+    """Bytes/s for a group whose ranks spread over ``span`` consecutive ranks."""
+    inside = span <= cfg.cluster.gpus_per_node
+    return (hw.nvlink_gb_s if inside else hw.internode_gb_s) * 1e9
+
+
+def _compute_s(cfg: RunConfig, recompute: str, hw: Hardware) -> float:
+    """Seconds of math per rank per step, recomputation included (see module docstring)."""
+    m, s = cfg.model, cfg.train.seq_length
+    per_token = flops_per_token(m, s)
+    if recompute == "full":
+        per_token += (per_token - 6.0 * m.hidden_size * m.vocab_size) / 3
+    elif recompute == "selective":
+        per_token += 4.0 * m.num_layers * m.hidden_size * s
+    tokens = cfg.train.global_batch_size * s
+    return per_token * tokens / (cfg.cluster.world_size * hw.peak_flops * hw.achieved_fraction)
+
+
+def _micro_batch_comm_s(cfg: RunConfig, layout: Layout, b: int, recompute: str,
+                        hw: Hardware) -> float:
+    """TP, CP and PP communication of one micro-batch on one rank, each transfer costing
+    ``latency_s`` plus bytes / bandwidth.
+
+    TP: 4 all-gather/reduce-scatter (or 2 all-reduce) in forward and 4 in backward per layer,
+    each moving (t-1)/t of the 2 s b h activation; full recompute repeats the forward's 4.
+    CP: the ring passes K and V ((c-1) steps of 2 s/c b 2gd/t bytes) in forward and K, V and
+    their gradients in backward. PP: one activation out and one gradient back per virtual stage.
+    """
+    m, t, c = cfg.model, layout.tp, layout.cp
+    s_local, layers = cfg.train.seq_length / c, m.num_layers / layout.pp
+    act = 2 * s_local * b * m.hidden_size
+    tp_s = cp_s = pp_s = 0.0
+    if t > 1:
+        collectives = 12 if recompute == "full" else 8
+        tp_s = layers * collectives * (
+            hw.latency_s + (t - 1) / t * act / _bandwidth(hw, cfg, t))
+    if c > 1:
+        kv = 2 * s_local * b * 2 * m.num_query_groups * kv_channels(m) / t
+        cp_s = layers * 3 * (c - 1) * (hw.latency_s + kv / _bandwidth(hw, cfg, t * c))
+    if layout.pp > 1:
+        shard = act / (t if layout.sp else 1)
+        pp_s = 2 * layout.vpp * (hw.latency_s + shard / _bandwidth(hw, cfg, layout.world_size))
+    return tp_s + cp_s + pp_s
+
+
+def _dp_comm_s(cfg: RunConfig, layout: Layout, hw: Hardware) -> float:
+    """Gradient reduction over the DP x CP group: reduce-scatter of fp32 gradients and
+    all-gather of bf16 weights (distributed optimizer, 6 bytes/param), or an fp32 all-reduce
+    (8 bytes/param), each moving (n-1)/n of the rank's parameters."""
+    n = layout.dp * layout.cp
+    if n == 1:
+        return 0.0
+    params = sum(stage_params(cfg, layout, first=True, last=layout.pp == 1))
+    per_param = 6 if cfg.optimizer.distributed else 8
+    return 2 * hw.latency_s + (n - 1) / n * params * per_param / _bandwidth(hw, cfg, layout.tp * n)
+
+
+def step_time(cfg: RunConfig, layout: Layout, micro_batch_size: int, recompute: str) -> float:
+    """Seconds per optimizer step (module docstring); the global batch must split evenly."""
+    if micro_batches(cfg, layout, micro_batch_size) is None:
+        raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} does not split "
+                         f"into micro-batches of {micro_batch_size} over dp={layout.dp}")
+    hw = Hardware.for_cluster(cfg.cluster)
+    return _step_s(cfg, layout, micro_batch_size, recompute, hw, _compute_s(cfg, recompute, hw),
+                   _dp_comm_s(cfg, layout, hw))
+
+
+def _step_s(cfg: RunConfig, layout: Layout, b: int, recompute: str, hw: Hardware,
+            compute_s: float, dp_s: float) -> float:
+    m = cfg.train.global_batch_size // (b * layout.dp)
+    launches = cfg.model.num_layers / layout.pp * hw.layer_overhead_s
+    t_mb = compute_s / m + launches + _micro_batch_comm_s(cfg, layout, b, recompute, hw)
+    return t_mb * (m + (layout.pp - 1) / layout.vpp) + dp_s
+
+
+def _evaluate(cfg: RunConfig, layout: Layout, hw: Hardware, compute_s: dict[str, float],
+              pins: Mapping[str, Any]) -> list[PlannedLayout]:
+    """Every micro-batch size x recompute mode of one layout (``settings``)."""
+    tried = settings(cfg, layout, pins)
+    memory = predict_all(cfg, layout, tried)
+    dp_s = _dp_comm_s(cfg, layout, hw)
+    tokens_per_gpu = cfg.train.global_batch_size * cfg.train.seq_length / cfg.cluster.world_size
+    out = []
+    for (b, recompute), mem in zip(tried, memory):
+        seconds = _step_s(cfg, layout, b, recompute, hw, compute_s[recompute], dp_s)
+        out.append(PlannedLayout(
+            tp=layout.tp, pp=layout.pp, vpp=layout.vpp, cp=layout.cp, dp=layout.dp,
+            sp=layout.sp, micro_batch_size=b, recompute=recompute, peak_gib=mem.peak_gib,
+            required_gib=mem.required_gib, step_time_s=seconds, tokens_per_s_per_gpu=tokens_per_gpu / seconds, fits=mem.fits))
+    return out
+
+
+def search(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) -> list[PlannedLayout]:
+    """Every valid candidate keeping ``pins`` on ``cfg.cluster``'s hardware, fitting ones first,
+    each group by step time then memory."""
+    hw = Hardware.for_cluster(cfg.cluster)
+    compute_s = {r: _compute_s(cfg, r, hw) for r in RECOMPUTE}
+    out = [c for layout in candidate_layouts(cfg, pins)
+           for c in _evaluate(cfg, layout, hw, compute_s, pins)]
+    return sorted(out, key=lambda c: (not c.fits, c.step_time_s, c.required_gib))
+
+
+def plan(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) -> list[PlannedLayout]:
+    """The candidates that fit in memory, best (fastest) first; empty when nothing fits."""
+    return [c for c in search(cfg, pins) if c.fits]
+
+
+def configure(cfg: RunConfig, chosen: PlannedLayout) -> RunConfig:
+    """``cfg`` with the chosen layout, micro-batch and recomputation written in explicitly,
+    so the ranks read a complete layout and never plan."""
+    parallel = dataclasses.replace(cfg.parallel, auto=False, tp=chosen.tp, pp=chosen.pp,
+                                   vpp=chosen.vpp, cp=chosen.cp, dp=chosen.dp, sp=chosen.sp)
+    train = dataclasses.replace(cfg.train, micro_batch_size=chosen.micro_batch_size,
+                                recompute=chosen.recompute)
+    return dataclasses.replace(cfg, parallel=parallel, train=train)
+
+
+def explain_no_fit(cfg: RunConfig, layout: Layout) -> Optional[str]:
+    """None when ``layout`` (with cfg.train's micro-batch and recompute) fits; otherwise one
+    message with its predicted memory and the best layout that does fit, for launch to print."""
+    memory = predict(cfg, layout)
+    if memory.fits:
+        return None
+    head = (f"{layout.describe()} micro_batch_size={cfg.train.micro_batch_size} "
+            f"recompute={cfg.train.recompute} needs {memory.required_gib:.1f} GiB per GPU on its "
+            f"{memory.stage} pipeline stage, over the {memory.limit_gib:.1f} GiB limit "
+            f"(cluster.gpu_memory_gib={cfg.cluster.gpu_memory_gib:g} less a "
+            f"{1 - memory.limit_gib / cfg.cluster.gpu_memory_gib:.0%} margin)")
+    fitting = plan(cfg)
+    if not fitting:
+        return head + "; no layout fits on this many GPUs: add nodes or shorten train.seq_length"
+    best = fitting[0]
+    return (head + f"; best that fits: {best.describe()} at {best.required_gib:.1f} GiB, "
+            f"{best.step_time_s:.2f} s/step (or use parallel=auto)")
