@@ -110,6 +110,11 @@ def _layout_problems(cfg: RunConfig, layout: Layout) -> list[str]:
         out.append("interleaved pipelining (parallel.vpp > 1) needs the number of micro-batches "
                    f"train.global_batch_size/(train.micro_batch_size*dp) to be a multiple of "
                    f"parallel.pp={layout.pp}")
+    if layout.cp > 1:
+        out.append(f"parallel.cp={layout.cp} is not offered: the data path hands every rank the "
+                   "whole sequence, where megatron expects each context-parallel rank's chunks "
+                   "(pipeline stages crash, ring attention trains on wrong data); use "
+                   "parallel.cp=1")
     if layout.cp > 1 and t.seq_length % (2 * layout.cp):
         out.append(f"train.seq_length={t.seq_length} must be divisible by 2*parallel.cp = "
                    f"{2 * layout.cp} (context parallelism splits it into 2*cp chunks)")

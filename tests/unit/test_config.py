@@ -27,6 +27,7 @@ BAD_CONFIGS = [
     (["train.warmup_steps=300"], "train.warmup_steps=300"),
     (["cluster.nodes=2"], "cluster.kind=local"),
     (["parallel.cp=2", "train.seq_length=130"], "train.seq_length=130"),
+    (["parallel.cp=2"], "parallel.cp=2 is not offered"),
     (["train.lr=0"], "train.lr=0"),
     (["optimizer.adam_beta2=1.5"], "optimizer.adam_beta2"),
     (["data.kind=parquet"], "data.kind='parquet'"),

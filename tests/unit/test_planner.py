@@ -69,6 +69,17 @@ def test_candidates_are_exactly_the_layouts_validate_accepts() -> None:
     assert planned == accepted
 
 
+@pytest.mark.parametrize("overrides", [
+    ("cluster=hyperpod_p5",), ("cluster=pcs_p5", "cluster.nodes=2"),
+    ("model=llama3_70b", "train=pretrain", "cluster=hyperpod_p5", "cluster.nodes=32")])
+def test_the_planner_never_picks_context_parallelism_the_data_path_lacks(overrides) -> None:
+    """The GPU profiles' own default jobs picked CP=2 (and the 70B example CP=4), which the
+    ranks would run with unsliced sequences."""
+    cfg = make_config(*overrides, "parallel=auto")
+    ranked = plan(cfg)
+    assert ranked and {c.cp for c in ranked} == {1}
+
+
 def test_ranked_by_step_time_and_consistent_throughput(cfg_70b, planned_70b) -> None:
     times = [c.step_time_s for c in planned_70b]
     assert times == sorted(times)
