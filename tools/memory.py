@@ -15,6 +15,17 @@ from launch.planning.memory import MemoryBreakdown, predict
 from launch.schema import Layout, RunConfig
 from tools.report import load_config
 
+USAGE = """usage: python -m tools.memory [--json] [key=value ...]
+
+Predict the per-GPU memory of one training step on the worst rank of the configured layout.
+The overrides are Hydra's, as for python -m launch, e.g.
+  python -m tools.memory model=llama3_70b cluster=hyperpod_p5 cluster.nodes=32 \\
+      parallel.tp=8 parallel.pp=4 train=pretrain
+
+options:
+  --json      one JSON object: peak_gib, required_gib, fits, the layout and every term
+  -h, --help  print this and exit"""
+
 
 def memory_table(cfg: RunConfig, layout: Layout, memory: MemoryBreakdown) -> str:
     rows = [("weights", memory.weights_gib), ("gradients", memory.gradients_gib),
@@ -37,7 +48,7 @@ def memory_table(cfg: RunConfig, layout: Layout, memory: MemoryBreakdown) -> str
 def main(argv: Optional[list[str]] = None) -> None:
     """``python -m tools.memory [--json] [overrides]``: the breakdown for the config's layout."""
     args = sys.argv[1:] if argv is None else argv
-    cfg, as_json, _ = load_config(args, auto_ok=False)
+    cfg, as_json, _ = load_config(args, auto_ok=False, usage=USAGE)
     layout = derive_layout(cfg)
     breakdown = predict(cfg, layout)
     if as_json:

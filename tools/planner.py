@@ -15,6 +15,16 @@ from launch.schema import RunConfig
 from tools.report import load_config, progress_after
 
 TABLE_ROWS = 15  # fitting layouts the CLI prints
+USAGE = """usage: python -m tools.planner [--json] [key=value ...]
+
+Rank every valid parallel layout (TP/PP/VPP/CP/DP/SP x micro-batch x recompute) by predicted
+step time, keep those that fit in GPU memory, and name the best. Settings given on the command
+line (parallel.tp=8, train.micro_batch_size=2...) are kept; the rest is searched. E.g.
+  python -m tools.planner model=llama3_70b cluster=hyperpod_p5 cluster.nodes=32 train=pretrain
+
+options:
+  --json      {"layouts": [...], "best": {...}}; exit 1 when no layout fits
+  -h, --help  print this and exit"""
 
 
 def planner_table(cfg: RunConfig, ranked: list[PlannedLayout], pins: Mapping[str, Any]) -> str:
@@ -45,7 +55,7 @@ def planner_table(cfg: RunConfig, ranked: list[PlannedLayout], pins: Mapping[str
 def main(argv: Optional[list[str]] = None) -> None:
     """``python -m tools.planner [--json] [overrides]``: the ranked table and the choice."""
     args = sys.argv[1:] if argv is None else argv
-    cfg, as_json, explicit = load_config(args, auto_ok=True)
+    cfg, as_json, explicit = load_config(args, auto_ok=True, usage=USAGE)
     pins = pinned(cfg, explicit)
     with progress_after(1.0, f"searching layouts for {cfg.cluster.world_size} GPUs..."):
         ranked = search(cfg, pins)

@@ -18,16 +18,23 @@ from launch.config import compose, explicit_keys, one_line_error, to_run_config,
 from launch.schema import RunConfig
 
 
-
-def load_config(args: list[str], *, auto_ok: bool) -> tuple[RunConfig, bool, frozenset[str]]:
+def load_config(args: list[str], *, auto_ok: bool,
+                usage: str) -> tuple[RunConfig, bool, frozenset[str]]:
     """The typed config for ``[--json] [overrides]``, whether JSON was asked for, and the keys
-    the overrides set (``launch.config.explicit_keys``).
+    the overrides set (``launch.config.explicit_keys``). ``-h``/``--help`` prints ``usage`` and
+    exits 0; any other option is refused (Hydra would read it as a malformed override).
 
     Exits 2 with one line per problem: a bad override names its field, and ``validate``'s
     cross-section rules apply (layout rules only where the layout is explicit). For the memory
     predictor (``auto_ok=False``) any ``parallel.*`` override makes the layout explicit, even
     under a GPU profile's ``parallel=auto``.
     """
+    if "-h" in args or "--help" in args:
+        print(usage)
+        sys.exit(0)
+    unknown = [a for a in args if a.startswith("-") and a != "--json"]
+    if unknown:
+        _exit([f"error: unknown option {unknown[0]}; the options are --json and --help"])
     as_json = "--json" in args
     overrides = [a for a in args if a != "--json"]
     try:

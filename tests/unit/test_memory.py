@@ -220,3 +220,16 @@ def test_table_cli_and_a_bad_override() -> None:
     bad = _cli("train.seq_lenght=4")
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "train.seq_lenght" in bad.stderr
+
+
+@pytest.mark.parametrize("tool", ["tools.memory", "tools.planner"])
+def test_the_command_lines_answer_help_and_refuse_unknown_options(tool: str) -> None:
+    """``--help`` used to end in Hydra's "LexerNoViableAltException: --help"."""
+    helped = subprocess.run([sys.executable, "-m", tool, "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith(f"usage: python -m {tool} [--json]") and "--json" in helped.stdout
+    wrong = subprocess.run([sys.executable, "-m", tool, "--jsn"], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip() == "error: unknown option --jsn; the options are --json and --help"
