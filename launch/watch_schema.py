@@ -25,7 +25,9 @@ class SlackConfig:
     min_interval_s: float = 300.0
     """At most one alert per event kind and rank within this window."""
     timeout_s: float = 5.0
+    """How long one POST waits for Slack's answer; a POST that times out is not sent again."""
     retries: int = 3
+    """Further attempts after a refused connection, HTTP 429 (after its Retry-After) or 500/503."""
 
 
 @dataclass

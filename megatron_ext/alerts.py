@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
+from slack_sdk.http_retry.builtin_handlers import (ConnectionErrorRetryHandler,
+                                                   RateLimitErrorRetryHandler,
+                                                   ServerErrorRetryHandler)
+from slack_sdk.http_retry.builtin_interval_calculators import BackoffRetryIntervalCalculator
 from slack_sdk.webhook import WebhookClient
 
 from launch.schema import ALERTS_SENT, RunConfig
@@ -112,10 +116,11 @@ class Alerts:
                  claims_dir: Optional[Path] = None) -> None:
         """``claims_dir``: the folder, shared by all ranks, where ``ONCE_PER_JOB`` alerts are
         claimed; None sends them from every rank."""
-        self._client = (WebhookClient(url, timeout=timeout_s, retry_handlers=[], logger=_slack_log)
+        self._client = (WebhookClient(url, timeout=timeout_s, logger=_slack_log,
+                                      retry_handlers=retry_handlers(retries, backoff_s))
                         if url else None)
         self._run_name, self._hostname = run_name, hostname or socket.gethostname()
-        self._min_interval_s, self._retries, self._backoff_s = min_interval_s, retries, backoff_s
+        self._min_interval_s = min_interval_s
         self._wandb_alerts, self._claims_dir = wandb_alerts, claims_dir
         self._last_sent: dict[tuple[str, int], float] = {}
         self._lock = threading.Lock()  # send() is called from the loop and the watchdog
@@ -191,22 +196,30 @@ class Alerts:
                             wait_duration=self._min_interval_s)
 
     def _post(self, kind: str, body: str) -> None:
-        """Retry connection errors, 429 and 5xx; other 4xx mean a bad URL or payload."""
-        for attempt in range(self._retries + 1):
-            if attempt:
-                time.sleep(min(self._backoff_s * 2 ** (attempt - 1), 30.0))
-            try:
-                status = self._client.send(text=body).status_code
-            except Exception as e:  # urllib raises on timeouts and refused connections
-                reason = type(e).__name__
-            else:
-                if status < 400:
-                    return
-                reason = f"HTTP {status}"
-                if status < 500 and status != 429:
-                    break
-            log.warning("Slack %s alert attempt %d failed: %s", kind, attempt + 1, reason)
-        log.warning("Slack %s alert given up", kind)
+        """One POST; slack_sdk's handlers retry what cannot have been delivered (``retry_handlers``)."""
+        try:
+            status = self._client.send(text=body).status_code
+        except TimeoutError:
+            log.warning("Slack %s alert: no answer within logging.slack.timeout_s; not retried, "
+                        "since Slack may have received it", kind)
+            return
+        except Exception as e:  # refused connections after the retries; the type only (URL)
+            log.warning("Slack %s alert not delivered: %s", kind, type(e).__name__)
+            return
+        if status >= 400:
+            hint = (" (a wrong or revoked webhook: check $SLACK_WEBHOOK_URL)"
+                    if status in (403, 404, 410) else "")
+            log.warning("Slack %s alert not delivered: HTTP %d%s", kind, status, hint)
+
+
+def retry_handlers(retries: int, backoff_s: float) -> list:
+    """Retry only what Slack cannot have received: a refused or reset connection, 429 after its
+    Retry-After, 500/503. Never a request that timed out waiting for the answer: Slack's webhook
+    is not idempotent, and a slow endpoint would get the same alert ``retries`` + 1 times."""
+    backoff = BackoffRetryIntervalCalculator(backoff_factor=backoff_s)
+    return [ConnectionErrorRetryHandler(max_retry_count=retries, interval_calculator=backoff),
+            RateLimitErrorRetryHandler(max_retry_count=retries),
+            ServerErrorRetryHandler(max_retry_count=retries, interval_calculator=backoff)]
 
 
 class NullAlerts:

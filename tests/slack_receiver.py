@@ -8,21 +8,27 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class Receiver:
-    """Webhook stand-in: records every post; answers with queued statuses, then 200."""
+    """Webhook stand-in: records every post and when it came; answers with queued statuses,
+    then 200 (429s with ``Retry-After: retry_after_s``)."""
 
     def __init__(self) -> None:
         self.posts: list[str] = []
+        self.times: list[float] = []
         self.statuses: list[int] = []
         self.delay_s = 0.0
+        self.retry_after_s = 1
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.posts.append(json.loads(body)["text"])
+                receiver.times.append(time.monotonic())
                 time.sleep(receiver.delay_s)
                 status = receiver.statuses.pop(0) if receiver.statuses else 200
                 self.send_response(status)
+                if status == 429:
+                    self.send_header("Retry-After", str(receiver.retry_after_s))
                 self.end_headers()
                 self.wfile.write(b"ok" if status == 200 else b"error")
 

@@ -63,6 +63,37 @@ def test_server_errors_are_retried_client_errors_are_not(receiver):
     assert len(receiver.posts) == 4
 
 
+def test_a_slow_webhook_gets_each_alert_once(receiver, caplog):
+    """A POST that timed out waiting for the answer may have been delivered: it is not sent
+    again (before, a webhook answering after the timeout got the start alert four times)."""
+    receiver.delay_s = 1.0
+    a = make_alerts(receiver.url, timeout_s=0.3, retries=3)
+    a.send(alerts.START, "TP=1 PP=1 DP=2", rank=0)
+    a.close(5.0)
+    time.sleep(1.5)  # time for any retry to arrive
+    assert len(receiver.posts) == 1
+    assert "not retried, since Slack may have received it" in caplog.text
+
+
+def test_a_wrong_webhook_is_named_with_its_status(receiver, caplog):
+    receiver.statuses = [404]
+    a = make_alerts(receiver.url, retries=3)
+    a.send(alerts.START, "TP=1 PP=1 DP=2", rank=0)
+    a.close(5.0)
+    assert len(receiver.posts) == 1
+    assert "start alert not delivered: HTTP 404 (a wrong or revoked webhook" in caplog.text
+    assert "TOPSECRET0042" not in caplog.text
+
+
+def test_a_rate_limited_alert_waits_for_retry_after(receiver):
+    receiver.statuses, receiver.retry_after_s = [429], 1
+    a = make_alerts(receiver.url, retries=2)
+    a.send(alerts.HANG, "no step for 600 s", rank=0)
+    a.close(10.0)
+    assert len(receiver.posts) == 2 and receiver.posts[0] == receiver.posts[1]
+    assert receiver.times[1] - receiver.times[0] >= 1.0  # the backoff alone is 10 ms
+
+
 @pytest.mark.parametrize("failure", ["errors", "never answers"])
 def test_broken_endpoint_never_stalls_the_caller(receiver, failure, caplog):
     if failure == "errors":
