@@ -15,6 +15,9 @@ class WandbConfig:
     mode: str = "disabled"
     project: str = "slurm-llm"
     entity: str = ""
+    init_timeout_s: float = 90.0
+    """How long ``mode=online`` waits for the W&B server at start (wandb's own default); past
+    it rank 0 logs offline instead, alerts once, and the run goes on."""
 
 
 @dataclass
@@ -37,6 +40,7 @@ class LoggingConfig:
 
     def problems(self) -> list[str]:
         out = choice_problem("logging.wandb.mode", self.wandb.mode, WANDB_MODES)
+        out += positive_problem("logging.wandb.init_timeout_s", self.wandb.init_timeout_s)
         out += positive_problem("logging.slack.timeout_s", self.slack.timeout_s)
         if self.slack.min_interval_s < 0:
             out.append(f"logging.slack.min_interval_s={self.slack.min_interval_s} must be >= 0")

@@ -41,6 +41,8 @@ STRAGGLER = "straggler"
 HANG = "hang"
 CHECKPOINT_FAILURE = "checkpoint_failure"
 NAN_LOSS = "nan_loss"
+WANDB_OFFLINE = "wandb_offline"
+"""``logging.wandb.mode=online`` could not reach the server; the run logs offline."""
 
 # kind -> (emoji, headline, W&B alert level)
 _STYLE = {
@@ -51,6 +53,7 @@ _STYLE = {
     HANG: (":hourglass:", "hang detected", "ERROR"),
     CHECKPOINT_FAILURE: (":floppy_disk:", "checkpoint failed", "ERROR"),
     NAN_LOSS: (":warning:", "loss is NaN or spiking", "ERROR"),
+    WANDB_OFFLINE: (":card_file_box:", "logs W&B offline", "WARN"),
 }
 KINDS = tuple(_STYLE)
 ONCE_PER_JOB = (FAILURE, HANG, NAN_LOSS)

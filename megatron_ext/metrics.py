@@ -100,19 +100,36 @@ def wandb_settings(cfg: RunConfig, layout: Layout, env: RunEnv, secrets: list[st
 class MetricsLogger:
     """Rank 0's W&B run; build it with ``from_config`` so other ranks get a null logger."""
 
-    def __init__(self, settings: dict, run_dir: Path) -> None:
+    def __init__(self, settings: dict, run_dir: Path, init_timeout_s: float = 90.0) -> None:
         import wandb  # only rank 0 pays the import
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._run = wandb.init(dir=str(run_dir), **settings)
-        log.info("W&B run %s (%s) in %s mode", self._run.id, self._run.name, settings["mode"])
+        self.offline_fallback: Optional[str] = None
+        """Why the run logs offline though ``mode=online`` was asked, and how to sync it."""
+        try:
+            self._run = wandb.init(dir=str(run_dir), settings=wandb.Settings(
+                init_timeout=init_timeout_s), **settings)
+        except wandb.errors.Error as err:  # an unreachable server must not end the job
+            if settings["mode"] != "online":
+                raise
+            wandb.teardown()  # its service still holds the run id ("run ID ... is in use")
+            self._run = wandb.init(dir=str(run_dir), **{**settings, "mode": "offline"})
+            reason = redact(f"{type(err).__name__}: {err}", secret_values(os.environ))[:300]
+            self.offline_fallback = (
+                f"W&B online start failed ({reason}); metrics go offline to "
+                f"{self._run.settings.sync_dir}; upload them later with "
+                f"`wandb sync {self._run.settings.sync_dir}`")
+            log.warning("%s", self.offline_fallback)
+        log.info("W&B run %s (%s) in %s mode", self._run.id, self._run.name,
+                 "offline" if self.offline_fallback else settings["mode"])
 
     @classmethod
     def from_config(cls, cfg: RunConfig, *, env: RunEnv, layout: Layout, run_dir: Path
                     ) -> Union["MetricsLogger", "NullMetricsLogger"]:
         if env.rank != 0 or cfg.logging.wandb.mode == "disabled":
             return NullMetricsLogger()
-        return cls(wandb_settings(cfg, layout, env, secret_values(os.environ)), Path(run_dir))
+        return cls(wandb_settings(cfg, layout, env, secret_values(os.environ)), Path(run_dir),
+                   cfg.logging.wandb.init_timeout_s)
 
     @property
     def run_id(self) -> str:
@@ -129,6 +146,7 @@ class NullMetricsLogger:
     """No W&B on this rank: same interface, does nothing."""
 
     run_id = None
+    offline_fallback = None
 
     def log(self, step: int, values: dict[str, float]) -> None:
         pass

@@ -32,6 +32,11 @@ class StepReporter:
         self._file = open(run_dir / "metrics.jsonl", "a") if env.rank == 0 else None
         self._start_step, self._started = start_step, time.monotonic()
 
+    @property
+    def wandb_offline_fallback(self) -> Optional[str]:
+        """Set when W&B could not be reached and rank 0 logs offline instead."""
+        return self._wandb.offline_fallback
+
     def step(self, step: int, result: StepResult, step_s: float, consumed_samples: int, *,
              checkpoint_blocking_s: float, straggler: Optional[StragglerCheck]) -> None:
         values = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,

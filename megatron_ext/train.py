@@ -211,6 +211,9 @@ def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Al
     if env.rank == 0:
         alerts.send(alert_kinds.START, f"from step {start_step} of {t.steps}", rank=env.rank,
                     fields=_start_fields(cfg, layout, env, use_gpu))
+        if loop.report.wandb_offline_fallback:
+            alerts.send(alert_kinds.WANDB_OFFLINE, loop.report.wandb_offline_fallback,
+                        rank=env.rank)
     for step in range(start_step + 1, t.steps + 1):
         consumed = loop.step(step, consumed)
     loop.close(max(start_step, t.steps), consumed)
