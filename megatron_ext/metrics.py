@@ -107,8 +107,8 @@ class MetricsLogger:
         self.offline_fallback: Optional[str] = None
         """Why the run logs offline though ``mode=online`` was asked, and how to sync it."""
         try:
-            self._run = wandb.init(dir=str(run_dir), settings=wandb.Settings(
-                init_timeout=init_timeout_s), **settings)
+            self._run = wandb.init(dir=str(run_dir), settings={"init_timeout": init_timeout_s},
+                                   **settings)
         except wandb.errors.Error as err:  # an unreachable server must not end the job
             if settings["mode"] != "online":
                 raise
