@@ -68,6 +68,9 @@ class StragglerConfig:
     report_interval: int = 50
     threshold: float = 1.5
     """A rank whose compute time exceeds threshold * the median rank's is reported."""
+    consecutive_reports: int = 3
+    """...in this many report intervals in a row: a healthy run with async saves crosses 1.5x
+    now and then on alternating ranks (7 of 50 intervals in the demo); a straggler stays."""
 
 
 @dataclass
@@ -82,6 +85,8 @@ class ResilienceConfig:
         out += positive_problem("resilience.collective_timeout_s", self.collective_timeout_s)
         out += positive_problem("resilience.straggler.report_interval",
                                 self.straggler.report_interval)
+        out += positive_problem("resilience.straggler.consecutive_reports",
+                                self.straggler.consecutive_reports)
         if self.straggler.threshold <= 1:
             out.append(f"resilience.straggler.threshold={self.straggler.threshold} must be > 1 "
                        "(a slowdown factor relative to the median rank)")

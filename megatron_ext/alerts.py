@@ -71,15 +71,19 @@ def sender(rank: int, hostname: str) -> str:
     return f"{'launcher' if rank == LAUNCHER else f'rank {rank}'} on {hostname}"
 
 
-def headline(kind: str, run_name: str, rank: int, hostname: str) -> str:
+def headline(kind: str, run_name: str, rank: int, hostname: str,
+             about: Optional[str] = None) -> str:
+    """Names what the alert is about (a straggler) when that is not the sender itself."""
     emoji, what, _ = _STYLE[kind]
+    if about:
+        return f"{emoji} *{run_name}* {what}: {about} (reported by {sender(rank, hostname)})"
     return f"{emoji} *{run_name}* {what} ({sender(rank, hostname)})"
 
 
 def render(kind: str, text: str, *, run_name: str, rank: int, hostname: str,
-           fields: Optional[dict] = None) -> str:
+           fields: Optional[dict] = None, about: Optional[str] = None) -> str:
     """The Slack message body (mrkdwn): headline, free text, then one bullet per field."""
-    lines = [headline(kind, run_name, rank, hostname)]
+    lines = [headline(kind, run_name, rank, hostname, about)]
     if text:
         lines.append(text)
     lines += [f"• {key}: {value}" for key, value in (fields or {}).items()]
@@ -125,7 +129,7 @@ class Alerts:
         self._run_name, self._hostname = run_name, hostname or socket.gethostname()
         self._min_interval_s = min_interval_s
         self._wandb_alerts, self._claims_dir = wandb_alerts, claims_dir
-        self._last_sent: dict[tuple[str, int], float] = {}
+        self._last_sent: dict[tuple[str, int, Optional[str]], float] = {}
         self._lock = threading.Lock()  # send() is called from the loop and the watchdog
         self._worker = BackgroundWorker("alerts", on_error=self._not_delivered,
                                         max_backlog=_QUEUE_SIZE)
@@ -144,26 +148,28 @@ class Alerts:
                    timeout_s=slack.timeout_s, retries=slack.retries, wandb_alerts=wandb_alerts,
                    claims_dir=claims_dir(cfg))
 
-    def send(self, kind: str, text: str, *, rank: int, fields: Optional[dict] = None) -> bool:
-        """Queue an alert unless one of this kind from this rank went out recently.
+    def send(self, kind: str, text: str, *, rank: int, fields: Optional[dict] = None,
+             about: Optional[str] = None) -> bool:
+        """Queue an alert unless one of this kind from this rank, about the same subject, went
+        out recently.
 
-        ``rank`` is the sending rank (the message names it and this host); facts about other
-        ranks, such as straggler reports, belong in ``text``.
+        ``rank`` is the sending rank (the message names it and this host); ``about`` names
+        another subject, such as the straggling rank and its host, in the headline.
         """
         assert kind in _STYLE, f"unknown alert kind {kind!r}; use one of {KINDS}"
         now = time.monotonic()
         with self._lock:
-            last = self._last_sent.get((kind, rank))
+            last = self._last_sent.get((kind, rank, about))
             if last is not None and now - last < self._min_interval_s:
                 return False
-            self._last_sent[(kind, rank)] = now
+            self._last_sent[(kind, rank, about)] = now
         if kind in ONCE_PER_JOB and self._claims_dir is not None:
             first = first_to_claim(self._claims_dir / kind, sender(rank, self._hostname))
             if first is not None:
                 log.warning("%s alert not sent: %s sent this job's", kind, first)
                 return False
         if not self._worker.submit(kind, functools.partial(self._deliver, kind, text, rank,
-                                                           fields)):
+                                                           fields, about)):
             log.warning("alert backlog full; dropped a %s alert", kind)
             return False
         return True
@@ -187,9 +193,10 @@ class Alerts:
         # The type only: a message could carry the webhook URL.
         log.warning("alert %s not delivered: %s", kind, type(exc).__name__)
 
-    def _deliver(self, kind: str, text: str, rank: int, fields: Optional[dict]) -> None:
+    def _deliver(self, kind: str, text: str, rank: int, fields: Optional[dict],
+                 about: Optional[str]) -> None:
         body = render(kind, text, run_name=self._run_name, rank=rank, hostname=self._hostname,
-                      fields=fields)
+                      fields=fields, about=about)
         if self._client is not None:
             self._post(kind, body)
         wandb = sys.modules.get("wandb")  # not imported means no W&B run to alert through
@@ -228,7 +235,8 @@ def retry_handlers(retries: int, backoff_s: float) -> list:
 class NullAlerts:
     """Alerts switched off: same interface, does nothing."""
 
-    def send(self, kind: str, text: str, *, rank: int, fields: Optional[dict] = None) -> bool:
+    def send(self, kind: str, text: str, *, rank: int, fields: Optional[dict] = None,
+             about: Optional[str] = None) -> bool:
         return False
 
     def send_now(self, kind: str, text: str, *, rank: int, fields: Optional[dict] = None,

@@ -7,9 +7,11 @@ median rank's of the same pipeline position (``pipeline_position``: the first an
 do more by design; the lower median, so with 2 ranks the faster one is the yardstick). The caller
 decides what to do with the reports (log on rank 0, alert). Within a tensor-parallel group
 the ranks wait for each other inside the forward, so a slow GPU there shows as its group.
+A rank is reported once it has been above the threshold in ``consecutive`` intervals in a row.
 """
 from __future__ import annotations
 
+import logging
 import statistics
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -18,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from launch.schema import RunConfig
+
+log = logging.getLogger("megatron_ext.straggler")
 
 
 @dataclass(frozen=True)
@@ -31,8 +35,12 @@ class StragglerReport:
     """Mean compute seconds per step over the last interval."""
     median_s: float
 
+    @property
+    def who(self) -> str:
+        return f"rank {self.rank} on {self.hostname}"
+
     def describe(self) -> str:
-        return (f"rank {self.rank} on {self.hostname}: {self.slowdown:.2f}x the median "
+        return (f"{self.who}: {self.slowdown:.2f}x the median "
                 f"({self.compute_s * 1000:.0f} ms vs {self.median_s * 1000:.0f} ms per step)")
 
 
@@ -44,7 +52,7 @@ class StragglerCheck:
     """Slowest rank's mean compute time over the median rank's (1.0: perfectly even); the
     straggler score dashboards plot even when nobody crosses the threshold."""
     reports: list[StragglerReport]
-    """Ranks above the threshold, slowest first."""
+    """Ranks above the threshold for ``consecutive`` intervals in a row, slowest first."""
 
 
 def pipeline_position(pp_rank: int, pp_size: int) -> int:
@@ -68,6 +76,20 @@ def role_medians(times: list[float], roles: list[int]) -> list[float]:
     return [median[role] for role in roles]
 
 
+def comparable(roles: list[int]) -> bool:
+    """Whether any two ranks share a pipeline position; PP=2 with one replica has none."""
+    return len(set(roles)) < len(roles)
+
+
+def persistent(slow: list[tuple[int, float]], streaks: list[int],
+               consecutive: int) -> tuple[list[tuple[int, float]], list[int]]:
+    """The entries of ``slow`` (``above_threshold``'s) whose streak reaches ``consecutive``
+    intervals in a row, and every entry's new streak (reset where it was not slow)."""
+    slow_now = dict(slow)
+    streaks = [streak + 1 if i in slow_now else 0 for i, streak in enumerate(streaks)]
+    return [(i, s) for i, s in slow if streaks[i] >= consecutive], streaks
+
+
 def above_threshold(times: list[float], medians: list[float],
                     threshold: float) -> list[tuple[int, float]]:
     """(index, slowdown) of every entry above threshold x its median, slowest first."""
@@ -80,15 +102,19 @@ class StragglerDetector:
     """Accumulates this rank's compute time; compares all ranks once per interval."""
 
     def __init__(self, group: Optional[dist.ProcessGroup], report_interval: int,
-                 threshold: float, rank: int, hostname: str, role: int = 0) -> None:
-        """``role``: ranks are compared with the ranks of the same role (``pipeline_position``)."""
+                 threshold: float, rank: int, hostname: str, role: int = 0,
+                 consecutive: int = 1) -> None:
+        """``role``: ranks are compared with the ranks of the same role (``pipeline_position``);
+        ``consecutive``: intervals in a row a rank must be slow before it is reported."""
         self._group, self._interval, self._threshold = group, report_interval, threshold
-        self._role = role
+        self._role, self._consecutive, self._rank = role, consecutive, rank
         self._hostname = hostname
         self._hostnames: Optional[list[str]] = None  # gathered once, at the first report
         self._global_ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
         assert rank in self._global_ranks, f"rank {rank} is not in the straggler group"
         self._steps, self._total_s = 0, 0.0
+        self._streaks = [0] * len(self._global_ranks)
+        self._said_incomparable = False
 
     @classmethod
     def from_config(cls, cfg: RunConfig, *, group: Optional[dist.ProcessGroup], rank: int,
@@ -98,7 +124,8 @@ class StragglerDetector:
         s = cfg.resilience.straggler
         if not s.enabled:
             return NullStragglerDetector()
-        return cls(group, s.report_interval, s.threshold, rank, hostname, role)
+        return cls(group, s.report_interval, s.threshold, rank, hostname, role,
+                   s.consecutive_reports)
 
     def step(self, compute_seconds: float) -> Optional[StragglerCheck]:
         """Collective every ``report_interval`` calls, which return the same check on every
@@ -110,10 +137,19 @@ class StragglerDetector:
         means, roles = self._gather(self._total_s / self._steps)
         self._steps, self._total_s = 0, 0.0  # each interval judges only its own steps
         hostnames = self._gather_hostnames()
+        if not comparable(roles) and not self._said_incomparable:
+            self._said_incomparable = True
+            if self._rank == self._global_ranks[0]:
+                log.warning("straggler detection has nothing to compare: every rank is alone in "
+                            "its pipeline position (first, between, last stages differ by "
+                            "design); it needs two ranks per position, e.g. two data-parallel "
+                            "replicas or PP >= 4")
         medians = role_medians(means, roles)
+        slow, self._streaks = persistent(above_threshold(means, medians, self._threshold),
+                                         self._streaks, self._consecutive)
         reports = [StragglerReport(rank=self._global_ranks[i], hostname=hostnames[i],
                                    slowdown=slowdown, compute_s=means[i], median_s=medians[i])
-                   for i, slowdown in above_threshold(means, medians, self._threshold)]
+                   for i, slowdown in slow]
         worst = max((t / m for t, m in zip(means, medians) if m > 0), default=1.0)
         return StragglerCheck(worst_slowdown=worst, reports=reports)
 

@@ -175,7 +175,8 @@ class Loop:
         check = self.straggler.step(result.forward_s)
         for straggler_report in check.reports if check and env.rank == 0 else []:
             log.warning("straggler: %s", straggler_report.describe())  # the same on every rank
-            self.alerts.send(alert_kinds.STRAGGLER, straggler_report.describe(), rank=env.rank)
+            self.alerts.send(alert_kinds.STRAGGLER, straggler_report.describe(), rank=env.rank,
+                             about=straggler_report.who)
         self.nan_streak = _check_loss(result, step, self.nan_streak, self.cfg, env, self.alerts,
                                       run.ckpt)
         save_start = time.monotonic()

@@ -21,10 +21,10 @@ from tests.integration.conftest import torchrun_argv
 WORLD, INTERVAL, BASE_S, SLOW_RANK = 3, 4, 0.05, 1
 
 
-def run_phase(rank: int, slow_rank: int | None) -> dict:
+def run_phase(rank: int, slow_rank: int | None, consecutive: int = 1) -> dict:
     """Two report intervals of sleep-as-compute: the reports with their step, and the scores."""
     detector = StragglerDetector(None, report_interval=INTERVAL, threshold=1.5, rank=rank,
-                                 hostname=f"node{rank}")
+                                 hostname=f"node{rank}", consecutive=consecutive)
     reports, scores = [], []
     for step in range(1, 2 * INTERVAL + 1):
         start = time.perf_counter()
@@ -40,7 +40,8 @@ def rank_main(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:
-        results = {"injected": run_phase(rank, SLOW_RANK), "clean": run_phase(rank, None)}
+        results = {"injected": run_phase(rank, SLOW_RANK), "clean": run_phase(rank, None),
+                   "two in a row": run_phase(rank, SLOW_RANK, consecutive=2)}
         Path(out_dir, f"{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
@@ -55,6 +56,8 @@ def test_slow_rank_is_reported_on_every_rank_and_only_when_slow(tmp_path):
     assert injected[0]["step"] <= 2 * INTERVAL and injected[0]["hostname"] == f"node{SLOW_RANK}"
     assert all(1.6 < r["slowdown"] < 2.6 for r in injected)
     assert results[0]["clean"]["reports"] == []
+    # Asked for two slow intervals in a row, the first interval reports nobody.
+    assert {r["step"] for r in results[0]["two in a row"]["reports"]} == {2 * INTERVAL}
     # A score every interval, high with the slow rank, near 1 without it.
     assert [step for step, _ in results[0]["injected"]["scores"]] == [INTERVAL, 2 * INTERVAL]
     assert all(1.6 < score < 2.6 for _, score in results[0]["injected"]["scores"])
@@ -68,6 +71,7 @@ def test_a_slow_rank_in_real_training_is_named_within_two_report_intervals(tmp_p
     cfg = make_config("data=synthetic", "train.steps=6", "train.warmup_steps=1",
                       "resilience.straggler.enabled=true",
                       f"resilience.straggler.report_interval={interval}",
+                      "resilience.straggler.consecutive_reports=1",
                       f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=0",
                       "checkpoint.save_on_exit=false", run_dir=str(tmp_path / "run"))
     job = subprocess.run(torchrun_argv(str(REPO / "tests/integration/faulty_rank.py"),

@@ -51,6 +51,19 @@ def test_one_alert_per_kind_and_rank_per_interval(receiver):
     assert len(receiver.posts) == 4 and "still slow" in receiver.posts[-1]
 
 
+def test_straggler_alerts_name_the_straggler_and_each_gets_its_own(receiver):
+    """Rank 0 reports every straggler; before, the headline named rank 0, and a second
+    straggler within the rate limit was never posted."""
+    a = make_alerts(receiver.url)
+    sent = [a.send(alerts.STRAGGLER, "2.00x the median", rank=0, about=f"rank {r} on node-{r}")
+            for r in (5, 9, 5)]
+    a.close(5.0)
+    assert sent == [True, True, False]
+    assert [p.splitlines()[0] for p in receiver.posts] == [
+        f":snail: *llama-test* straggler detected: rank {r} on node-{r} (reported by rank 0 on "
+        "node-a)" for r in (5, 9)]
+
+
 def test_server_errors_are_retried_client_errors_are_not(receiver):
     receiver.statuses = [500, 503]
     a = make_alerts(receiver.url, retries=3)

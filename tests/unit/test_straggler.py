@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from megatron_ext.straggler import (NullStragglerDetector, StragglerDetector, StragglerReport,
-                                    above_threshold, pipeline_position, role_medians)
+                                    above_threshold, comparable, persistent, pipeline_position,
+                                    role_medians)
 from tests.conftest import make_config
 
 
@@ -63,3 +64,20 @@ def test_disabled_detector_is_a_null_object():
     detector = StragglerDetector.from_config(cfg, group=None, rank=0, hostname="h")
     assert isinstance(detector, NullStragglerDetector)
     assert detector.step(1.0) is None
+
+
+def test_only_a_rank_slow_in_consecutive_intervals_is_reported():
+    """A healthy run crosses the threshold on alternating ranks (async saves); a straggler stays."""
+    streaks, reported = [0, 0, 0], []
+    for slow in ([(1, 1.6)], [(2, 1.7)], [(1, 1.6)], [(0, 2.0)], [(0, 2.1)], [(0, 2.2)],
+                 [(0, 2.0), (2, 1.6)]):
+        found, streaks = persistent(slow, streaks, consecutive=3)
+        reported.append([i for i, _ in found])
+    assert reported == [[], [], [], [], [], [0], [0]]
+    assert persistent([(2, 1.6)], [0, 0, 0], consecutive=1)[0] == [(2, 1.6)]
+
+
+def test_ranks_alone_in_their_pipeline_position_cannot_be_compared():
+    assert not comparable([0, 2])  # PP=2, one replica: a first and a last stage
+    assert comparable([0, 1, 1, 2])  # PP=4: the two stages between compare
+    assert comparable([0, 0])  # DP=2
