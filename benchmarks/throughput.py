@@ -7,7 +7,7 @@ all alike, prints a table and writes benchmarks/results/throughput_<device>.json
 - ``framework``: what ``megatron_ext.train.build`` builds, stepped by ``megatron_ext.train.Loop``
   as ``train()`` steps it (train_step, watchdog beat, straggler step, NaN check, checkpoint and
   stop-signal agreement, metrics).
-- ``framework_no_resilience``: the same objects with the watchdog and straggler detector off.
+- ``framework_no_resilience``: the same objects with the watchdog, straggler and spike detectors off.
 - ``megatron_direct``: GPTModel + DDP + distributed optimizer + ``get_forward_backward_func``
   from megatron-core alone (its quick-start loop), on the process groups the framework made.
 - ``pytorch``: ``plain_llama.PlainLlama`` with AdamW (``--compile``: torch.compile, GPU default).
@@ -96,9 +96,11 @@ def run_config(overrides: list[str], shape: Shape, total_steps: int, run_dir: Pa
 
 # -- (a) this framework ---------------------------------------------------------------------
 def framework_steps(cfg: RunConfig, use_gpu: bool) -> dict[str, Step]:
-    """One step of megatron_ext.train's loop, with and without the watchdog and straggler check."""
+    """One step of megatron_ext.train's loop, with and without the watchdog, straggler and spike
+    checks."""
     from megatron_ext.alerts import Alerts
     from megatron_ext.env import RunEnv
+    from megatron_ext.spikes import NullSpikeDetector
     from megatron_ext.straggler import NullStragglerDetector
     from megatron_ext.train import Loop, build
     from megatron_ext.watchdog import NullWatchdog
@@ -107,7 +109,8 @@ def framework_steps(cfg: RunConfig, use_gpu: bool) -> dict[str, Step]:
     alerts = Alerts.from_config(cfg, rank=env.rank)
     run = build(cfg, env, layout, use_gpu, alerts)
     on = Loop.start(cfg, env, layout, use_gpu, alerts, run, start_step=0)
-    off = replace(on, watchdog=NullWatchdog(), straggler=NullStragglerDetector())
+    off = replace(on, watchdog=NullWatchdog(), straggler=NullStragglerDetector(),
+                  spikes=NullSpikeDetector())
     position = {"step": 0, "consumed": 0}  # both ways advance the one run
 
     def step(loop: Loop) -> None:

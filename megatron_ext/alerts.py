@@ -41,6 +41,8 @@ STRAGGLER = "straggler"
 HANG = "hang"
 CHECKPOINT_FAILURE = "checkpoint_failure"
 NAN_LOSS = "nan_loss"
+SPIKE = "spike"
+"""The loss or gradient norm jumped far above its rolling median (``megatron_ext.spikes``)."""
 WANDB_OFFLINE = "wandb_offline"
 """``logging.wandb.mode=online`` could not reach the server; the run logs offline."""
 
@@ -52,7 +54,8 @@ _STYLE = {
     STRAGGLER: (":snail:", "straggler detected", "WARN"),
     HANG: (":hourglass:", "hang detected", "ERROR"),
     CHECKPOINT_FAILURE: (":floppy_disk:", "checkpoint failed", "ERROR"),
-    NAN_LOSS: (":warning:", "loss is NaN or spiking", "ERROR"),
+    NAN_LOSS: (":warning:", "loss is NaN or infinite", "ERROR"),
+    SPIKE: (":chart_with_upwards_trend:", "loss or gradient spike", "WARN"),
     WANDB_OFFLINE: (":card_file_box:", "logs W&B offline", "WARN"),
 }
 KINDS = tuple(_STYLE)

@@ -32,6 +32,7 @@ from megatron_ext.model import build_model, init_layout_independent
 from megatron_ext.optim import build_optimizer, wrap_ddp
 from megatron_ext.reporting import StepReporter
 from megatron_ext.signals import StopSignals
+from megatron_ext.spikes import NullSpikeDetector, SpikeDetector
 from megatron_ext.step import StepResult, train_step
 from megatron_ext.straggler import NullStragglerDetector, StragglerDetector, pipeline_position
 from megatron_ext.watchdog import NullWatchdog, Watchdog, record_collectives
@@ -147,6 +148,7 @@ class Loop:
     report: StepReporter
     watchdog: Watchdog | NullWatchdog
     straggler: StragglerDetector | NullStragglerDetector
+    spikes: SpikeDetector | NullSpikeDetector
     stop: StopSignals
     use_gpu: bool
     nan_streak: int = 0
@@ -162,7 +164,8 @@ class Loop:
             cfg, group=None, rank=env.rank, hostname=env.hostname,
             role=pipeline_position(parallel.pp_rank(), layout.pp))
         return cls(cfg, env, run, alerts, report, watchdog, straggler,
-                   StopSignals(cfg.cluster.signal), use_gpu)
+                   SpikeDetector.from_config(cfg, rank=env.rank), StopSignals(cfg.cluster.signal),
+                   use_gpu)
 
     def step(self, step: int, consumed: int) -> int:
         """Run ``step`` and what follows it; the samples consumed after it."""
@@ -179,6 +182,9 @@ class Loop:
                              about=straggler_report.who)
         self.nan_streak = _check_loss(result, step, self.nan_streak, self.cfg, env, self.alerts,
                                       run.ckpt)
+        for spike in self.spikes.step(result.loss, result.grad_norm, result.applied):
+            log.warning("spike: %s", spike.describe(step))
+            self.alerts.send(alert_kinds.SPIKE, spike.describe(step), rank=env.rank)
         save_start = time.monotonic()
         run.ckpt.maybe_save(step, consumed)
         self.report.step(step, result, step_s, consumed, checkpoint_blocking_s=time.monotonic()

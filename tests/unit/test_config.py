@@ -36,6 +36,8 @@ BAD_CONFIGS = [
     (["train.recompute=full", "train.recompute_num_layers=3"], "train.recompute_num_layers=3"),
     (["checkpoint.verify=full"], "checkpoint.verify='full'"),
     (["checkpoint.on_corrupt=ignore"], "checkpoint.on_corrupt='ignore'"),
+    (["resilience.spikes.grad_norm_factor=1"], "resilience.spikes.grad_norm_factor=1"),
+    (["resilience.straggler.consecutive_reports=0"], "resilience.straggler.consecutive_reports"),
 ]
 
 
