@@ -19,6 +19,22 @@ from megatron_ext.straggler import StragglerCheck
 from megatron_ext.throughput import Throughput, peak_memory
 
 log = logging.getLogger("megatron_ext.train")
+METRICS_FILE = "metrics.jsonl"
+
+
+def rewind(path: Path, start_step: int) -> None:
+    """Drop the rows of the steps after ``start_step`` from a run folder's metrics file.
+
+    A requeued job resumes from its last checkpoint in the same run folder and runs the steps
+    after it again; without this the file held those steps twice, the lost timeline first.
+    """
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= start_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 class StepReporter:
@@ -29,7 +45,9 @@ class StepReporter:
         self._throughput = Throughput.from_config(cfg, env.world_size, use_gpu)
         run_dir = Path(cfg.run_dir)
         self._wandb = MetricsLogger.from_config(cfg, env=env, layout=layout, run_dir=run_dir)
-        self._file = open(run_dir / "metrics.jsonl", "a") if env.rank == 0 else None
+        if env.rank == 0:
+            rewind(run_dir / METRICS_FILE, start_step)
+        self._file = open(run_dir / METRICS_FILE, "a") if env.rank == 0 else None
         self._start_step, self._started = start_step, time.monotonic()
 
     @property

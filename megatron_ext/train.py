@@ -201,10 +201,10 @@ class Loop:
         return consumed
 
     def close(self, step: int, consumed: int) -> None:
-        """After the last step: the exit save and pending commits, then the watchers."""
+        """After the last step: the exit save and pending commits, then the watchdog. The
+        reporter closes last (``train``), after the completion alert went through its run."""
         self.run.ckpt.close(step, consumed)
         self.watchdog.close()
-        self.report.close()
 
 
 def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Alerts) -> None:
@@ -226,6 +226,8 @@ def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Al
     loop.close(max(start_step, t.steps), consumed)
     if env.rank == 0:
         alerts.send(alert_kinds.COMPLETE, f"finished {t.steps} steps", rank=env.rank)
+        alerts.flush(timeout_s=10.0)  # W&B alerts go through the W&B run, which closes next
+    loop.report.close()
     log.info("finished %d steps", t.steps)
 
 

@@ -17,10 +17,11 @@ from launch.prepare import write_run_dir
 from tests.conftest import REPO, make_config
 from tests.integration.conftest import torchrun_argv
 from tests.slack_receiver import Receiver
-from tests.wandb_records import history, wandb_records
+from tests.wandb_records import history, of_type, wandb_records
 
 pytestmark = pytest.mark.slow
 MICRO_BATCHES = 2  # global batch 16 = micro-batch 4 x 2 x DP 2
+COMPLETED_TITLE = f"{make_config().name}: completed"  # the W&B alert's title
 
 
 @pytest.fixture
@@ -66,6 +67,10 @@ def test_nan_stops_the_run_with_one_alert_and_no_update(tmp_path, receiver):
     assert len(nan) == 1 and "loss nan at step 5" in nan[0] and "stopping" in nan[0]
     assert not [p for p in receiver.posts if " failed (rank" in p]  # no failure on top of it
     assert "FloatingPointError" not in log and "NonFiniteLoss" not in log  # said in one line
+    # The rerun (a requeue: same run folder) resumes from step 3; step 4 is in the file once.
+    code, metrics, log = run_ranks(tmp_path, receiver.url, "99")
+    assert code == 0, log
+    assert [row["step"] for row in metrics] == list(range(1, 9))
 
 
 def test_skip_goes_on_without_the_poisoned_updates_and_alerts_once(tmp_path, receiver):
@@ -89,4 +94,6 @@ def test_skip_goes_on_without_the_poisoned_updates_and_alerts_once(tmp_path, rec
                 "memory/peak_rss_gib", "checkpoint/checkpoint_blocking_s", "train/consumed_tokens"):
         assert all(key in row for row in rows), key
     assert rows[-1]["train/consumed_tokens"] == 8 * 16 * 128
+    sent = [alert.title for alert in of_type(wandb_records(tmp_path / "run"), "alert")]
+    assert sent[-1] == f"{COMPLETED_TITLE}"  # before, the run closed before this alert
     assert [row["_step"] for row in rows if row["train/update_applied"] == 0] == [4, 5]
