@@ -35,7 +35,7 @@ def for_sweep_point(cfg: RunConfig, point: str, sweep: str) -> RunConfig:
     resubmit), and records the ``sweep`` it belongs to (its W&B group)."""
     safe = "".join(c if c.isalnum() or c in "=,._-" else "_" for c in point)
     checkpoint = dataclasses.replace(cfg.checkpoint, dir=str(Path(cfg.checkpoint.dir) / safe))
-    return dataclasses.replace(cfg, checkpoint=checkpoint, sweep=sweep)
+    return dataclasses.replace(cfg, checkpoint=checkpoint, sweep=sweep, sweep_point=point)
 
 
 def choose_layout(cfg: RunConfig, explicit: Collection[str] = frozenset()

@@ -320,6 +320,9 @@ class RunConfig:
     sweep: str = ""
     """Set by launch for a Hydra multirun (``-m``): the sweep this run is a point of, so its W&B
     runs group together; empty for a single run."""
+    sweep_point: str = ""
+    """Set with ``sweep``: this point's overrides (``train.lr=0.003``), which tell its W&B run and
+    its Slack alerts from the other points'."""
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -330,6 +333,11 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    @property
+    def display_name(self) -> str:
+        """The run's name where people read it (W&B, Slack), with its sweep point if any."""
+        return f"{self.name} [{self.sweep_point}]" if self.sweep_point else self.name
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,7 @@ class Alerts:
         wandb_alerts = rank == 0 and cfg.logging.wandb.mode != "disabled"
         if not url and not wandb_alerts:
             return NullAlerts()
-        return cls(url, run_name=cfg.name, min_interval_s=slack.min_interval_s,
+        return cls(url, run_name=cfg.display_name, min_interval_s=slack.min_interval_s,
                    timeout_s=slack.timeout_s, retries=slack.retries, wandb_alerts=wandb_alerts,
                    claims_dir=claims_dir(cfg))
 

@@ -90,7 +90,8 @@ def wandb_settings(cfg: RunConfig, layout: Layout, env: RunEnv, secrets: list[st
     return dict(
         project=cfg.logging.wandb.project, entity=cfg.logging.wandb.entity or None,
         mode=cfg.logging.wandb.mode, id=run_id(cfg, env), resume="allow",
-        name=f"{cfg.name}-{cfg.model.name}-{tag}-{cfg.cluster.name}",
+        name=f"{cfg.name}-{cfg.model.name}-{tag}-{cfg.cluster.name}"
+        + (f"-{cfg.sweep_point}" if cfg.sweep_point else ""),
         group=f"sweep-{sweep}" if sweep else cfg.name,
         tags=[cfg.model.name, tag, cfg.cluster.name, f"world{layout.world_size}"]
         + ([f"sweep-{sweep}"] if sweep else []),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from launch.prepare import for_sweep_point
 from launch.schema import Layout
 from megatron_ext import alerts
 from megatron_ext.alerts import Alerts
@@ -63,6 +64,17 @@ def test_name_group_and_tags_come_from_the_config(offline):
     s = wandb_settings(offline, LAYOUT, run_env(SLURM_JOB_ID="101"), [])
     assert s["group"] == "sweep-demo-2026-11-23_01-02-03" and s["id"] == "demo-local-101"
     assert layout_tag(Layout(1, 1, 1, 1)) == "single"
+
+
+def test_sweep_points_are_told_apart_in_wandb_and_slack(offline):
+    """Two points of ``-m train.lr=1e-4,3e-4`` had the same W&B name and Slack headline."""
+    points = [for_sweep_point(offline, f"train.lr={lr}", sweep="demo-s1") for lr in ("1e-4", "3e-4")]
+    names = [wandb_settings(p, LAYOUT, run_env(), [])["name"] for p in points]
+    assert names == [f"demo-{offline.model.name}-tp2-dp2-local-train.lr={lr}" for lr in ("1e-4", "3e-4")]
+    runs = [Alerts.from_config(p, rank=0) for p in points]  # W&B alerts only: no Slack URL
+    heads = [alerts.render(alerts.START, "", run_name=a._run_name, rank=0, hostname="n1")
+             for a in runs]
+    assert heads == [f":rocket: *demo [train.lr={lr}]* started (rank 0 on n1)" for lr in ("1e-4", "3e-4")]
 
 
 def test_each_value_lands_in_its_dashboard_section():
