@@ -142,12 +142,14 @@ def candidate_layouts(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) 
     """Every layout ``launch.config.validate`` accepts for this model and cluster, and that
     keeps the ``pins``.
 
-    TP within a node and dividing heads and query groups; PP * VPP dividing the layers; no CP
-    (``validate`` refuses it until the data path slices sequences per CP rank); DP = world /
-    (TP PP CP); SP, unless pinned, on whenever TP > 1 and the Transformer Engine spec is used
-    (it only saves memory). Batch rules are per micro-batch.
+    TP within a node and dividing heads and query groups; PP * VPP dividing the layers; CP with
+    the sequence divisible by 2 CP (and, with SP, seq / CP by TP), where Transformer Engine's
+    fused or flash attention runs it; DP = world / (TP PP CP); SP, unless pinned, on whenever
+    TP > 1 and the Transformer Engine spec is used (it only saves memory). Batch rules are per
+    micro-batch.
     """
     m, world, s = cfg.model, cfg.cluster.world_size, cfg.train.seq_length
+    cp_runs = m.transformer_impl == "transformer_engine" and m.attention_backend != "unfused"
 
     def kept(name: str, value: int) -> bool:
         return pins.get(name, value) == value
@@ -164,9 +166,9 @@ def candidate_layouts(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) 
                 continue
             for cp in _divisors(world // (tp * pp)):
                 dp = world // (tp * pp * cp)
-                if cp > 1:  # not offered until the data path slices per CP rank (validate)
+                if cp > 1 and (not cp_runs or s % (2 * cp) or (sp and (s // cp) % tp)):
                     continue
-                if (cp > 1 and s % (2 * cp)) or not kept("cp", cp) or not kept("dp", dp):
+                if not kept("cp", cp) or not kept("dp", dp):
                     continue
                 for vpp in _divisors(m.num_layers // pp) if pp > 1 else [1]:
                     if kept("vpp", vpp):
