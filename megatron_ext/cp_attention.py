@@ -70,12 +70,12 @@ class ContextParallelDotProductAttention(DotProductAttention):
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"context-parallel local attention is causal only, not "
                              f"{attn_mask_type}")
-        self.cp_group = pg_collection.cp
         local = copy.copy(config)  # the parent refuses CP; the gather below is what CP adds
         local.context_parallel_size = 1
         super().__init__(local, layer_number, attn_mask_type, attention_type,
                          attention_dropout=attention_dropout, softmax_scale=softmax_scale,
                          pg_collection=pg_collection)
+        self.cp_group = pg_collection.cp
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], **kwargs: Any) -> torch.Tensor:
