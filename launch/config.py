@@ -15,7 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from launch.schema import Layout, RunConfig
+from launch.schema import Layout, ModelConfig, RunConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -110,20 +110,32 @@ def _layout_problems(cfg: RunConfig, layout: Layout) -> list[str]:
         out.append("interleaved pipelining (parallel.vpp > 1) needs the number of micro-batches "
                    f"train.global_batch_size/(train.micro_batch_size*dp) to be a multiple of "
                    f"parallel.pp={layout.pp}")
-    if layout.cp > 1:
-        out.append(f"parallel.cp={layout.cp} is not offered: the data path hands every rank the "
-                   "whole sequence, where megatron expects each context-parallel rank's chunks "
-                   "(pipeline stages crash, ring attention trains on wrong data); use "
-                   "parallel.cp=1")
     if layout.cp > 1 and t.seq_length % (2 * layout.cp):
         out.append(f"train.seq_length={t.seq_length} must be divisible by 2*parallel.cp = "
                    f"{2 * layout.cp} (context parallelism splits it into 2*cp chunks)")
-    if layout.sp and t.seq_length % layout.tp:
-        out.append(f"train.seq_length={t.seq_length} must be divisible by parallel.tp="
-                   f"{layout.tp} with parallel.sp=true")
+    elif layout.sp and (t.seq_length // layout.cp) % layout.tp:
+        out.append(f"train.seq_length/parallel.cp = {t.seq_length // layout.cp} must be divisible "
+                   f"by parallel.tp={layout.tp} with parallel.sp=true (each CP rank's tokens are "
+                   "split over TP)")
+    out += _context_parallel_problems(m, layout)
     if layout.sp and m.transformer_impl == "local":
         out.append("parallel.sp=true needs model.transformer_impl=transformer_engine; the local "
                    "spec's norm refuses sequence parallelism")
+    return out
+
+
+def _context_parallel_problems(m: ModelConfig, layout: Layout) -> list[str]:
+    """CP runs where megatron can: Transformer Engine's fused or flash attention on GPUs (and
+    the local spec's CPU rehearsal attention on CPU ranks, megatron_ext/cp_attention.py)."""
+    if layout.cp == 1:
+        return []
+    out = []
+    if m.transformer_impl == "local":
+        out.append(f"parallel.cp={layout.cp} needs model.transformer_impl=transformer_engine: "
+                   "megatron's local attention has no context parallelism on GPUs")
+    if m.attention_backend == "unfused":
+        out.append(f"parallel.cp={layout.cp} needs model.attention_backend=fused or flash: "
+                   "Transformer Engine's unfused attention has no context-parallel backend")
     return out
 
 

@@ -3,7 +3,8 @@
 megatron-core assumes CUDA in four places (ARCHITECTURE.md, "Facts"): allocations on
 ``torch.cuda.current_device()``, tensor factories with a hard-coded ``device="cuda"``,
 ``param.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers, and the CUDA RNG
-tracker. ``cpu_mode()`` handles all four for the duration of a run, so the CPU rehearsal
+tracker; plus ``pin_memory=True`` host tensors (RoPE's per-CP-rank slice), which need CUDA.
+``cpu_mode()`` handles them all for the duration of a run, so the CPU rehearsal
 executes the same model, schedule, DDP and distributed-optimizer code as a GPU job.
 Without Transformer Engine the distributed optimizer wraps torch's Adam, which megatron's
 checkpoint loading mishandles; two small patches (``_torch_adam_checkpoint_patches``) fix that.
@@ -35,12 +36,15 @@ def _is_gpu_device(device: Any) -> bool:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """Maps every CUDA device argument to the CPU and makes CPU tensors pass CUDA type checks."""
+    """Maps every CUDA device argument to the CPU, drops ``pin_memory`` (it needs CUDA) and
+    makes CPU tensors pass CUDA type checks."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if _is_gpu_device(kwargs.get("device")):
             kwargs["device"] = _CPU
+        if kwargs.get("pin_memory"):  # page-locked host memory for CUDA copies (RoPE under CP)
+            kwargs["pin_memory"] = False
         if func in (torch.Tensor.cuda,):
             return args[0]
         if func is torch.Tensor.to:

@@ -20,6 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from launch.schema import Layout, ModelConfig, TrainConfig
 from megatron_ext import parallel
+from megatron_ext.cp_attention import ContextParallelDotProductAttention
 from launch.planning.flops import padded_vocab_size
 
 # Megatron scales the init of the two projections that write into the residual stream.
@@ -67,22 +68,27 @@ def uses_transformer_engine(model: ModelConfig, use_gpu: bool) -> bool:
     return use_gpu and model.transformer_impl == "transformer_engine"
 
 
-def layer_spec(model: ModelConfig, use_gpu: bool) -> ModuleSpec:
-    """Transformer Engine's fused spec on GPU; the local (plain torch) spec on CPU."""
+def layer_spec(model: ModelConfig, use_gpu: bool, cp: int = 1) -> ModuleSpec:
+    """Transformer Engine's fused spec on GPU; the local (plain torch) spec on CPU, whose
+    attention gathers K and V over the CP group when ``cp > 1`` (a CPU rehearsal of TE's)."""
     if uses_transformer_engine(model, use_gpu):
         if not _transformer_engine_installed():
             raise RuntimeError("model.transformer_impl=transformer_engine but Transformer Engine "
                                "is not installed on this GPU node: pip install -e '.[gpu]', or "
                                "set model.transformer_impl=local (much slower)")
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if cp > 1 and not use_gpu:  # on GPUs megatron's local attention refuses CP (validate)
+        spec.submodules.self_attention.submodules.core_attention = (
+            ContextParallelDotProductAttention)
+    return spec
 
 
 def build_model(model: ModelConfig, train: TrainConfig, layout: Layout,
                 use_gpu: bool) -> tuple[list[GPTModel], TransformerConfig]:
     """This rank's model chunks: one per virtual pipeline stage it hosts."""
     config = transformer_config(model, train, layout, use_gpu)
-    spec = layer_spec(model, use_gpu)
+    spec = layer_spec(model, use_gpu, layout.cp)
     chunks = []
     for vp_stage in range(layout.vpp) if layout.vpp > 1 else [None]:
         chunk = GPTModel(

@@ -50,10 +50,14 @@ def dp_group() -> dist.ProcessGroup:
     return ps.get_data_parallel_group()
 
 
+def cp_group() -> dist.ProcessGroup:
+    return ps.get_context_parallel_group()
+
+
 def reports_loss() -> bool:
-    """One rank per data-parallel replica of the last stage holds each micro-batch's loss."""
-    return (is_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_context_parallel_rank() == 0)
+    """The last stage's TP rank 0 of each data-parallel replica and CP rank holds its share of
+    each micro-batch's loss: its tokens' sum and count (CP ranks hold disjoint tokens)."""
+    return is_last_stage() and ps.get_tensor_model_parallel_rank() == 0
 
 
 def shutdown() -> None:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_attr_wrapped_model
+from megatron.core.utils import get_attr_wrapped_model, get_batch_on_this_cp_rank
 
 from megatron_ext import parallel
 
@@ -28,7 +28,7 @@ from megatron_ext import parallel
 @dataclass(frozen=True)
 class StepResult:
     loss: float
-    """Mean loss per token over the whole global batch (all micro-batches, all DP ranks)."""
+    """Mean loss per token over the whole global batch (all micro-batches, DP and CP ranks)."""
     grad_norm: float
     lr: float
     tokens: int
@@ -49,10 +49,15 @@ def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 
 def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
-    """Only the first and last pipeline stages read the batch; the others take activations."""
+    """Only the first and last pipeline stages read the batch; the others take activations.
+
+    Under context parallelism each rank keeps its two load-balanced chunks of the sequence
+    (megatron's ``get_batch_on_this_cp_rank``, as Megatron-LM's ``get_batch``): tokens,
+    positions, labels and loss mask alike. RoPE slices its own table per CP rank."""
     first = get_attr_wrapped_model(model, "pre_process")
     last = get_attr_wrapped_model(model, "post_process")
-    batch = next(data_iterator) if (first or last) else None
+    batch = (get_batch_on_this_cp_rank(next(data_iterator), parallel.cp_group())
+             if (first or last) else None)
     device = next(model.parameters()).device
     tokens = batch["tokens"].to(device) if first else None
     positions = batch["position_ids"].to(device) if first else None

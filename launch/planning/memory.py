@@ -168,23 +168,31 @@ def layer_saved_bytes(cfg: RunConfig, layout: Layout, b: int, recompute: str) ->
     Per sequence: RoPE's cos and sin for Q and K, 4 s d e. Materialised scores (recompute none):
     the fp32 softmax output and its cast back to e (Korthikanti's a s^2 b terms; no dropout
     here), a s^2 b (4 + e) / t, or 4 a s^2 b / t in fp32, plus the s x s bool causal mask.
+
+    Context parallelism: s is the rank's s/c tokens. The local spec's CP attention (the CPU
+    rehearsal, megatron_ext/cp_attention.py) gathers K and V of all s c tokens, 2 h e / t each
+    (new storages, repeated or viewed per head), and scores s x s c of them.
     """
     m, e = cfg.model, activation_element_bytes(cfg.train.precision)
     s, t = cfg.train.seq_length / layout.cp, layout.tp
     h, a, d = m.hidden_size, m.num_attention_heads, kv_channels(m)
     kv = m.num_query_groups * d
+    gathered = m.transformer_impl == "local" and layout.cp > 1 and recompute == "none"
+    s_kv = s * layout.cp if gathered else s  # the keys each query sees
+    keys_values = 0.0  # bytes of the K and V core attention keeps, when per gathered token
     if recompute == "selective":
         attention = (3 * h + 3 * kv) * e / t
+    elif gathered:
+        attention, keys_values = 2 * h * e / t, s_kv * b * 2 * h * e / t
     elif m.transformer_impl == "local":
-        keys_values = 2 * h if a > m.num_query_groups else h + 3 * kv
-        attention = (2 * h + keys_values) * e / t
+        attention = (2 * h + (2 * h if a > m.num_query_groups else h + 3 * kv)) * e / t
     else:
         attention = (2 * h + 2 * kv) * e / t + (0 if scores_materialized(m) else 4 * a / t)
     per_token = 2 * norm_bytes(cfg, layout) + attention + 5 * m.ffn_hidden_size * e / t
-    out = s * b * per_token + 4 * s * d * e
+    out = s * b * per_token + keys_values + 4 * s * d * e
     if recompute == "none" and scores_materialized(m):
         cast = 0 if e == 4 else e
-        out += a * s * s * b * (4 + cast) / t + s * s
+        out += a * s * s_kv * b * (4 + cast) / t + s * s_kv
     return out
 
 

@@ -29,7 +29,7 @@ from typing import Any, Collection, Iterator, Mapping, Optional
 
 from launch.schema import RECOMPUTE, ClusterConfig, Layout, RunConfig
 from launch.planning.flops import GPU_PEAK_BF16_TFLOPS, flops_per_token, kv_channels
-from launch.planning.memory import predict, predict_all, stage_params
+from launch.planning.memory import activation_element_bytes, predict, predict_all, stage_params
 
 MICRO_BATCH_SIZES = (1, 2, 4, 8)
 SEARCHED = ("parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp", "parallel.dp",
@@ -142,12 +142,14 @@ def candidate_layouts(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) 
     """Every layout ``launch.config.validate`` accepts for this model and cluster, and that
     keeps the ``pins``.
 
-    TP within a node and dividing heads and query groups; PP * VPP dividing the layers; no CP
-    (``validate`` refuses it until the data path slices sequences per CP rank); DP = world /
-    (TP PP CP); SP, unless pinned, on whenever TP > 1 and the Transformer Engine spec is used
-    (it only saves memory). Batch rules are per micro-batch.
+    TP within a node and dividing heads and query groups; PP * VPP dividing the layers; CP with
+    the sequence divisible by 2 CP (and, with SP, seq / CP by TP), where Transformer Engine's
+    fused or flash attention runs it; DP = world / (TP PP CP); SP, unless pinned, on whenever
+    TP > 1 and the Transformer Engine spec is used (it only saves memory). Batch rules are per
+    micro-batch.
     """
     m, world, s = cfg.model, cfg.cluster.world_size, cfg.train.seq_length
+    cp_runs = m.transformer_impl == "transformer_engine" and m.attention_backend != "unfused"
 
     def kept(name: str, value: int) -> bool:
         return pins.get(name, value) == value
@@ -164,9 +166,9 @@ def candidate_layouts(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) 
                 continue
             for cp in _divisors(world // (tp * pp)):
                 dp = world // (tp * pp * cp)
-                if cp > 1:  # not offered until the data path slices per CP rank (validate)
+                if cp > 1 and (not cp_runs or s % (2 * cp) or (sp and (s // cp) % tp)):
                     continue
-                if (cp > 1 and s % (2 * cp)) or not kept("cp", cp) or not kept("dp", dp):
+                if not kept("cp", cp) or not kept("dp", dp):
                     continue
                 for vpp in _divisors(m.num_layers // pp) if pp > 1 else [1]:
                     if kept("vpp", vpp):
@@ -212,6 +214,15 @@ def _compute_s(cfg: RunConfig, recompute: str, hw: Hardware) -> float:
     return per_token * tokens / (cfg.cluster.world_size * hw.peak_flops * hw.achieved_fraction)
 
 
+def kv_exchange_bytes(cfg: RunConfig, layout: Layout, b: int) -> float:
+    """Bytes of K and V one CP rank passes per ring step and layer in forward: those of its s/c
+    tokens, TP-split, in the activation precision (what the CPU rehearsal's all-gather moves
+    from each peer, tests/unit/test_memory_activations.py)."""
+    m, e = cfg.model, activation_element_bytes(cfg.train.precision)
+    return (2 * cfg.train.seq_length / layout.cp * b * m.num_query_groups * kv_channels(m) * e
+            / layout.tp)
+
+
 def _micro_batch_comm_s(cfg: RunConfig, layout: Layout, b: int, recompute: str,
                         hw: Hardware) -> float:
     """TP, CP and PP communication of one micro-batch on one rank, each transfer costing
@@ -219,7 +230,7 @@ def _micro_batch_comm_s(cfg: RunConfig, layout: Layout, b: int, recompute: str,
 
     TP: 4 all-gather/reduce-scatter (or 2 all-reduce) in forward and 4 in backward per layer,
     each moving (t-1)/t of the 2 s b h activation; full recompute repeats the forward's 4.
-    CP: the ring passes K and V ((c-1) steps of 2 s/c b 2gd/t bytes) in forward and K, V and
+    CP: the ring passes K and V ((c-1) steps of ``kv_exchange_bytes``) in forward and K, V and
     their gradients in backward. PP: one activation out and one gradient back per virtual stage.
     """
     m, t, c = cfg.model, layout.tp, layout.cp
@@ -231,7 +242,7 @@ def _micro_batch_comm_s(cfg: RunConfig, layout: Layout, b: int, recompute: str,
         tp_s = layers * collectives * (
             hw.latency_s + (t - 1) / t * act / _bandwidth(hw, cfg, t))
     if c > 1:
-        kv = 2 * s_local * b * 2 * m.num_query_groups * kv_channels(m) / t
+        kv = kv_exchange_bytes(cfg, layout, b)
         cp_s = layers * 3 * (c - 1) * (hw.latency_s + kv / _bandwidth(hw, cfg, t * c))
     if layout.pp > 1:
         shard = act / (t if layout.sp else 1)

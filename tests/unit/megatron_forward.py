@@ -22,9 +22,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def cpu_rank(rank: int, world: int, port: int, threads: int = 1) -> Iterator[Any]:
-    """This process as rank ``rank`` of a TP=``world`` job on CPU over gloo (``cpu_mode`` on);
-    yields the layout. megatron is imported here, in the spawned rank, not by the tests."""
+def cpu_rank(rank: int, world: int, port: int, threads: int = 1, cp: int = 1) -> Iterator[Any]:
+    """This process as rank ``rank`` of a TP=``world/cp`` x CP=``cp`` job on CPU over gloo
+    (``cpu_mode`` on); yields the layout. megatron is imported here, in the spawned rank, not by
+    the tests."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
@@ -33,7 +34,7 @@ def cpu_rank(rank: int, world: int, port: int, threads: int = 1) -> Iterator[Any
     from megatron_ext.cpu import cpu_mode
     from megatron_ext.env import RunEnv
 
-    layout = Layout(tp=world, pp=1, cp=1, dp=1)
+    layout = Layout(tp=world // cp, pp=1, cp=cp, dp=1)
     with cpu_mode():
         parallel.init(layout, RunEnv.from_env(), seed=1, timeout_s=120, use_gpu=False)
         try:

@@ -27,7 +27,13 @@ BAD_CONFIGS = [
     (["train.warmup_steps=300"], "train.warmup_steps=300"),
     (["cluster.nodes=2"], "cluster.kind=local"),
     (["parallel.cp=2", "train.seq_length=130"], "train.seq_length=130"),
-    (["parallel.cp=2"], "parallel.cp=2 is not offered"),
+    (["parallel.cp=2", "parallel.dp=1", "model.transformer_impl=local"],
+     "parallel.cp=2 needs model.transformer_impl=transformer_engine"),
+    (["parallel.cp=2", "parallel.dp=1", "model.attention_backend=unfused"],
+     "parallel.cp=2 needs model.attention_backend=fused or flash"),
+    (["cluster=hyperpod_p5", "cluster.nodes=2", "parallel.auto=false", "parallel.tp=8",
+      "parallel.pp=1", "parallel.cp=2", "parallel.dp=1", "parallel.sp=true", "train.seq_length=8"],
+     "train.seq_length/parallel.cp = 4 must be divisible by parallel.tp=8"),
     (["train.lr=0"], "train.lr=0"),
     (["optimizer.adam_beta2=1.5"], "optimizer.adam_beta2"),
     (["data.kind=parquet"], "data.kind='parquet'"),
@@ -45,6 +51,15 @@ BAD_CONFIGS = [
 def test_each_rule_names_the_field(overrides: list[str], fragment: str) -> None:
     problems = validate(make_config(*overrides))
     assert any(fragment in p for p in problems), problems
+
+
+def test_context_parallel_is_accepted_where_it_runs() -> None:
+    """CPU ranks rehearse CP with the local spec's CP attention; GPUs run TE's (default)."""
+    assert validate(make_config("parallel.cp=2", "parallel.dp=1")) == []
+    assert validate(make_config("cluster=hyperpod_p5", "cluster.nodes=4", "parallel.auto=false",
+                                "parallel.tp=8",
+                                "parallel.cp=2", "parallel.sp=true", "parallel.pp=1",
+                                "parallel.dp=2")) == []
 
 
 def test_default_config_is_valid_and_uses_two_ranks() -> None:

@@ -51,9 +51,12 @@ def test_every_planned_layout_passes_launch_validation(cfg_70b, planned_70b) -> 
         assert validate(chosen, c.layout) == [], c
 
 
-def test_candidates_are_exactly_the_layouts_validate_accepts() -> None:
+@pytest.mark.parametrize("extra", [(), ("train.seq_length=8",), ("model.attention_backend=unfused",)],
+                         ids=["default", "sp-splits-seq-per-cp", "no-cp-backend"])
+def test_candidates_are_exactly_the_layouts_validate_accepts(extra) -> None:
     """Brute force over every size combination on 16 GPUs, with micro_batch_size fixed."""
-    cfg = make_config("model=llama3_8b", *SLURM, "cluster.nodes=2", "train.micro_batch_size=2")
+    cfg = make_config("model=llama3_8b", *SLURM, "cluster.nodes=2", "train.micro_batch_size=2",
+                      *extra)
     planned = {layout for layout in candidate_layouts(cfg)
                if micro_batches(cfg, layout, 2) is not None}
     sizes = (1, 2, 4, 8, 16)
@@ -72,12 +75,13 @@ def test_candidates_are_exactly_the_layouts_validate_accepts() -> None:
 @pytest.mark.parametrize("overrides", [
     ("cluster=hyperpod_p5",), ("cluster=pcs_p5", "cluster.nodes=2"),
     ("model=llama3_70b", "train=pretrain", "cluster=hyperpod_p5", "cluster.nodes=32")])
-def test_the_planner_never_picks_context_parallelism_the_data_path_lacks(overrides) -> None:
-    """The GPU profiles' own default jobs picked CP=2 (and the 70B example CP=4), which the
-    ranks would run with unsliced sequences."""
-    cfg = make_config(*overrides, "parallel=auto")
-    ranked = plan(cfg)
-    assert ranked and {c.cp for c in ranked} == {1}
+def test_the_planner_searches_context_parallelism_only_where_megatron_runs_it(overrides) -> None:
+    """Transformer Engine's fused attention runs CP (the data path slices per CP rank); its
+    unfused attention and megatron's local attention on GPUs do not, so none is offered."""
+    assert {c.cp for c in plan(make_config(*overrides, "parallel=auto"))} > {1}
+    for no_cp in ("model.attention_backend=unfused", "model.transformer_impl=local"):
+        ranked = plan(make_config(*overrides, "parallel=auto", no_cp))
+        assert ranked and {c.cp for c in ranked} == {1}, no_cp
 
 
 def test_ranked_by_step_time_and_consistent_throughput(cfg_70b, planned_70b) -> None:
