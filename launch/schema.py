@@ -226,8 +226,9 @@ class CheckpointConfig:
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this, for evaluation; 0: none."""
     on_corrupt: str = "fallback"
-    """The newest committed checkpoint fails verification or loading: ``fallback`` to the
-    previous committed one (with a warning), or ``error`` to stop the run."""
+    """The newest committed checkpoint fails verification against its manifest: ``fallback``
+    to the previous committed one (with a warning), or ``error`` to stop the run. An error while
+    loading a verified one stops the run either way (a requeue tries it again)."""
     verify: str = "checksums"
     """What resume (and ``train.init_from`` of a training checkpoint) checks before loading a
     checkpoint. ``checksums``: every shard's SHA-256
