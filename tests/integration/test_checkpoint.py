@@ -307,8 +307,9 @@ def _flip_a_byte_in_s3(bucket: str, prefix: str) -> None:
 def test_after_a_fallback_only_good_checkpoints_are_kept_and_copied_and_restore_falls_back(
         reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Step 8 bit-flipped, step 4 good: the run falls back to 4 and commits 6. Retention must
-    keep 6 (the new commit) and drop the abandoned 8, which must never reach S3; a restore
-    whose newest copy fails verification falls back to the next complete copy."""
+    keep 6 (the new commit) and drop the abandoned 8, which must never reach S3. With nothing
+    intact left on the shared filesystem, the S3 copies are tried newest first, each verified
+    after its download: a damaged one is passed over for the next."""
     ckpt_dir, _ = _corrupt_newest(reference[0], tmp_path, _flip_a_byte)
     bucket = "ckpt-fallback"
     run = ("train.steps=6", "checkpoint.keep_last=1", "checkpoint.keep_every=4",
@@ -326,10 +327,13 @@ def test_after_a_fallback_only_good_checkpoints_are_kept_and_copied_and_restore_
         assert replica.complete_copies() == [4, 6]  # the corrupt step 8 never went up
 
         _flip_a_byte_in_s3(bucket, "run/step_000006/")  # damaged at rest, marker intact
-        shutil.rmtree(ckpt_dir)  # the shared filesystem was lost
+        shutil.rmtree(ckpt_dir)  # the shared filesystem lost all but a damaged step 8
+        _flip_a_byte(max(_checkpoints(reference[0], ckpt_dir, 8).glob("*/*.distcp"),
+                         key=lambda p: p.stat().st_size))
         second = _torchrun(_config(tmp_path / "second", ckpt_dir, *run))
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     out = second.stdout
+    assert f"checkpoint {ckpt_dir / 'step_000008'} is corrupt" in out
     assert f"restored step_000006 from s3://{bucket}/run/step_000006/" in out
     assert f"checkpoint {ckpt_dir / 'step_000006'} is corrupt" in out
     assert f"restored step_000004 from s3://{bucket}/run/step_000004/" in out
