@@ -95,11 +95,13 @@ class _ForwardClock:
 
 
 def _nonfinite_grads(model: list[torch.nn.Module], device: torch.device) -> torch.Tensor:
-    """1.0 when this rank's reduced gradient buffers hold a NaN or inf, else 0.0: one pass over
-    them, as megatron's own ``check_for_nan_in_grad`` makes, without raising on one rank."""
-    flags = [torch.logical_not(torch.isfinite(buffer.grad_data).all())
-             for chunk in model for buffer in chunk.buffers + chunk.expert_parallel_buffers]
-    return torch.stack(flags).any().float() if flags else torch.zeros((), device=device)
+    """1.0 when this rank's reduced gradient buffers hold a NaN or inf, else 0.0. Their sum is
+    non-finite iff an element is (short of a 3e38 overflow, itself no gradient to apply), and
+    takes no mask the size of the buffers; megatron's ``check_for_nan_in_grad`` takes a norm."""
+    sums = [buffer.grad_data.sum()
+            for chunk in model for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+    total = torch.stack(sums).sum() if sums else torch.zeros((), device=device)
+    return torch.logical_not(torch.isfinite(total)).float()
 
 
 def _global_outcome(losses: list[dict[str, torch.Tensor]], nonfinite_grads: torch.Tensor,
