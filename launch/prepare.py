@@ -31,10 +31,14 @@ def absolutize(cfg: RunConfig, base: Path) -> RunConfig:
 
 
 def for_sweep_point(cfg: RunConfig, point: str, sweep: str) -> RunConfig:
-    """Each sweep point checkpoints in its own folder, named by its overrides (stable on
-    resubmit), and records the ``sweep`` it belongs to (its W&B group)."""
+    """Each sweep point checkpoints in its own folder and S3 prefix, named by its overrides
+    (stable on resubmit), and records the ``sweep`` it belongs to (its W&B group) and the point
+    itself (its W&B name and Slack headline). A shared prefix would let a point restore
+    another's checkpoint, or delete its copies by retention."""
     safe = "".join(c if c.isalnum() or c in "=,._-" else "_" for c in point)
-    checkpoint = dataclasses.replace(cfg.checkpoint, dir=str(Path(cfg.checkpoint.dir) / safe))
+    s3_uri = f"{cfg.checkpoint.s3_uri.rstrip('/')}/{safe}" if cfg.checkpoint.s3_uri else ""
+    checkpoint = dataclasses.replace(cfg.checkpoint, dir=str(Path(cfg.checkpoint.dir) / safe),
+                                     s3_uri=s3_uri)
     return dataclasses.replace(cfg, checkpoint=checkpoint, sweep=sweep, sweep_point=point)
 
 

@@ -226,8 +226,9 @@ class CheckpointConfig:
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this, for evaluation; 0: none."""
     on_corrupt: str = "fallback"
-    """The newest committed checkpoint fails verification or loading: ``fallback`` to the
-    previous committed one (with a warning), or ``error`` to stop the run."""
+    """The newest committed checkpoint fails verification against its manifest: ``fallback``
+    to the previous committed one (with a warning), or ``error`` to stop the run. An error while
+    loading a verified one stops the run either way (a requeue tries it again)."""
     verify: str = "checksums"
     """What resume (and ``train.init_from`` of a training checkpoint) checks before loading a
     checkpoint. ``checksums``: every shard's SHA-256
@@ -241,9 +242,10 @@ class CheckpointConfig:
     (slow: measured 10x the blocking time on CPU); reloads into any TP/PP/DP layout."""
     s3_uri: str = ""
     """``s3://bucket[/prefix]``: rank 0 also copies every committed checkpoint to
-    ``<s3_uri>/step_<N>/`` in the background and mirrors retention deletions; '' = off. A copy
-    is complete only once its ``COMMITTED.json`` is there (uploaded last). A run whose
-    ``checkpoint.dir`` holds no committed checkpoint restores the newest complete copy. Endpoint,
+    ``<s3_uri>/step_<N>/`` in the background and applies retention to the copies S3 holds;
+    '' = off. A copy is complete only once its ``COMMITTED.json`` is there (uploaded last). A run
+    whose ``checkpoint.dir`` holds no intact checkpoint restores the newest complete copy that
+    verifies. Each point of a ``-m`` sweep uses ``<s3_uri>/<point>``. Endpoint,
     region and credentials come from the environment (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, an
     instance role...), never from this file."""
     s3_exit_timeout_s: float = 300.0

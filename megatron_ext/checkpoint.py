@@ -26,7 +26,6 @@ import dataclasses
 import logging
 import signal
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -110,9 +109,6 @@ class Checkpointer:
         self._requested = False
         self._last_save = time.monotonic()
         self._replica = S3Replicator.from_config(cfg, rank=self.rank, on_failure=on_failure)
-        if cfg.s3_uri and self.rank == 0:  # copies an earlier job was ended before finishing
-            for step in commit.load_order(listing(self.root)):
-                self._replica.upload(self.root / commit.step_dir(step))
         warm_up_writer()
 
     # -- what is saved -------------------------------------------------------------------
@@ -204,10 +200,11 @@ class Checkpointer:
         if self.rank == 0:
             publish(self.root, step, self.config_yaml)
             self._replica.upload(self.root / commit.step_dir(step))
-            for name in commit.to_delete(listing(self.root), keep_last=self.cfg.keep_last,
-                                         keep_every=self.cfg.keep_every):
+            retention = partial(commit.to_delete, keep_last=self.cfg.keep_last,
+                                keep_every=self.cfg.keep_every, newest=step)
+            for name in retention(listing(self.root)):
                 remove(self.root / name)
-                self._replica.delete(name)
+            self._replica.prune(retention)  # by the copies S3 holds, after this upload
             log.info("checkpoint %s committed", self.root / commit.step_dir(step))
         dist.barrier()  # nobody sees the step as saved before it is visible
         self.last_committed_step, self._in_flight = step, None
@@ -228,37 +225,54 @@ class Checkpointer:
 
     # -- loading -------------------------------------------------------------------------
     def load_latest(self) -> Resume:
-        """Load the newest intact committed checkpoint of ``checkpoint.dir``, if any."""
-        found = self._from_rank0(self._listing_or_restored)
+        """Load the newest intact committed checkpoint of ``checkpoint.dir``, if any; when none
+        is intact, of the complete S3 copies it lacks (each downloaded when its turn comes)."""
+        found = self._from_rank0(lambda: listing(self.root))
         for name in commit.incomplete(found):
             self._warn("skipping incomplete checkpoint %s: no commit marker (its save was "
                        "interrupted)", self.root / name)
-        tried = []
-        for step in commit.load_order(found):
-            path = self.root / commit.step_dir(step)
-            problems = self._from_rank0(lambda: verify(path)) or self._verify_checksums(path)
-            outcome = problems or self._try_load(path)
-            if isinstance(outcome, Resume):
-                return outcome
-            tried.append(path)
-            message = f"checkpoint {path} is corrupt: {'; '.join(outcome)}"
-            if self.cfg.on_corrupt == "error":
-                raise CheckpointCorrupt(f"{message} (checkpoint.on_corrupt=error; move it "
-                                        "away to resume from an older one)")
-            self._warn("%s; falling back to the previous committed checkpoint", message)
+        local, tried = commit.load_order(found), []
+        resume = self._first_intact(local, tried, download=False)
+        if resume is None:
+            copies = self._from_rank0(self._replica.complete_copies)[::-1]
+            resume = self._first_intact([s for s in copies if s not in local], tried,
+                                        download=True)
+        if resume is not None:
+            self._copy_kept(resume.step)
+            return resume
         if tried:
             raise CheckpointCorrupt(f"no intact committed checkpoint in {self.root} (corrupt: "
                                     f"{', '.join(map(str, tried))}); refusing to start over")
         return Resume()
 
-    def _listing_or_restored(self) -> dict[str, bool]:
-        """Rank 0: ``checkpoint.dir``'s folders; when none is committed, first the newest
-        complete S3 copy is downloaded (the others wait: it must fit
-        ``resilience.collective_timeout_s``)."""
-        found = listing(self.root)
-        if not commit.committed_steps(found) and self._replica.restore_newest(self.root):
-            found = listing(self.root)
-        return found
+    def _first_intact(self, steps: list[int], tried: list[Path], *,
+                      download: bool) -> Resume | None:
+        """Load the first of ``steps`` that verifies (rank 0 first downloads each from S3 with
+        ``download``; the others wait, within ``resilience.collective_timeout_s``); the
+        corrupt ones are appended to ``tried``."""
+        for step in steps:
+            path = self.root / commit.step_dir(step)
+            if download:
+                self._from_rank0(lambda: self._replica.restore(step, self.root))
+            problems = self._from_rank0(lambda: verify(path)) or self._verify_checksums(path)
+            if not problems:
+                return self._load(path)
+            tried.append(path)
+            message = f"checkpoint {path} is corrupt: {'; '.join(problems)}"
+            if self.cfg.on_corrupt == "error":
+                raise CheckpointCorrupt(f"{message} (checkpoint.on_corrupt=error; move it "
+                                        "away to resume from an older one)")
+            self._warn("%s; falling back to the previous committed checkpoint", message)
+        return None
+
+    def _copy_kept(self, resumed: int) -> None:
+        """Rank 0 queues the S3 copies an earlier job was ended before finishing: the loaded
+        checkpoint and the older committed ones, each re-hashed before it goes up (a corrupt
+        folder is reported, never copied). Newer folders failed to load: none goes up."""
+        if self.rank == 0:
+            for step in commit.load_order(listing(self.root)):
+                if step <= resumed:
+                    self._replica.upload(self.root / commit.step_dir(step), check=True)
 
     def _verify_checksums(self, path: Path) -> list[str]:
         """``shard_problems`` under ``checkpoint.verify=checksums``, with the time it cost."""
@@ -270,22 +284,14 @@ class Checkpointer:
             log.info("checksums of %s verified in %.1f s", path, time.monotonic() - start)
         return problems
 
-    def _try_load(self, path: Path) -> Resume | list[str]:
-        """The loaded position, or every rank's error; all ranks agree on the outcome."""
-        try:
-            result: Resume | str = self._load(path)
-        except LayoutMismatch:
-            raise  # every rank raises it: the checkpoint is fine, the request is not
-        except Exception as exc:  # a corrupt shard surfaces as any error type
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            result = f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
-        outcomes: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(outcomes, result if isinstance(result, str) else "")
-        errors = [f"rank {r}: {e}" for r, e in enumerate(outcomes) if e]
-        return errors or result  # type: ignore[return-value]
-
     @torch.no_grad()  # fp32 runs: the optimizer's main params are views of the weights
     def _load(self, path: Path) -> Resume:
+        """Load a verified checkpoint. An error here ends the run on the rank that hit it
+        (its peers may be inside one of the load's collectives, and the job ends at once on a
+        dead rank): a checkpoint whose every byte matched its manifest is not corrupt, and a
+        requeue tries it again (a transient I/O error must not condemn it). No fallback
+        follows a failed load, so no rank keeps half of one (megatron's scheduler adds the
+        loaded step count to its own)."""
         common = dist_checkpointing.load_common_state_dict(str(path))
         same_layout = common["layout"] == self.layout
         fmt = common["optimizer_format"]

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,26 @@ def verify_shards(folder: Path, part: int, parts: int) -> list[str]:
     return commit.checksum_problems(recorded, {name: file_sha256(folder / name) for name in mine})
 
 
+def fetched(folder: Path, relative: str, recorded: Mapping[str, Any]) -> bool:
+    """Whether ``folder/relative`` is a shard already whole: the size and SHA-256 the manifest
+    ``recorded`` gives it (a download cut short keeps what it finished; small files are always
+    fetched again)."""
+    digest, path = recorded.get("sha256", {}).get(relative), folder / relative
+    return (digest is not None and path.is_file()
+            and path.stat().st_size == recorded["files"].get(relative)
+            and file_sha256(path) == digest)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to the disk (a node crash on Lustre loses what
+    only its page cache held)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_synced(path: Path, text: str) -> None:
     """Write, fsync and atomically replace: readers see the old or the new file, never half."""
     tmp = path.with_name(path.name + ".writing")
@@ -122,26 +142,29 @@ def _collect_shard_digests(folder: Path) -> dict[str, str]:
 
 
 def publish(root: Path, step: int, config_yaml: str) -> None:
-    """Rank 0, after every rank wrote: config, manifest marker, rename, ``latest`` pointer."""
+    """Rank 0, after every rank wrote: config, manifest marker, rename, ``latest`` pointer.
+
+    Everything the marker vouches for reaches the disk before the marker does: megatron
+    fsyncs the shards and ``.metadata`` but not ``common.pt`` or ``metadata.json``."""
     tmp, final = root / commit.tmp_dir(step), root / commit.step_dir(step)
-    (tmp / "config.yaml").write_text(config_yaml)
+    write_synced(tmp / "config.yaml", config_yaml)
     checksums = _collect_shard_digests(tmp)
     files = _file_sizes(tmp)
     for name in commit.without_checksum(files, checksums):
         log.warning("%s has no checksum (its writer did not record one): resume checks only "
                     "its size", tmp / name)
+    for name in commit.digested(list(files)):
+        _fsync(tmp / name)
+    _fsync(tmp)
     manifest = commit.manifest(step, files, _metadata_digest(tmp, list(files)), checksums)
     write_synced(tmp / commit.MARKER, json.dumps(manifest, indent=1))
+    _fsync(tmp)  # the marker's entry
     if final.exists():  # a run resumed from an older step and reached this one again
         log.warning("replacing %s with the new save of step %d", final, step)
         shutil.rmtree(final)
     os.replace(tmp, final)
     write_synced(root / commit.LATEST, commit.step_dir(step) + "\n")
-    fd = os.open(root, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(root)  # the rename itself
 
 
 def fresh_dir(path: Path) -> None:

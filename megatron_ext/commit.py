@@ -67,24 +67,31 @@ def load_order(listing: Mapping[str, bool]) -> list[int]:
     return committed_steps(listing)[::-1]
 
 
-def to_delete(listing: Mapping[str, bool], *, keep_last: int, keep_every: int) -> list[str]:
-    """Folders the retention policy removes after a commit.
+def to_delete(listing: Mapping[str, bool], *, keep_last: int, keep_every: int,
+              newest: int | None = None) -> list[str]:
+    """Folders the retention policy removes after the commit of step ``newest`` (default: the
+    newest committed step).
 
-    Kept: the newest ``keep_last`` committed steps and every step divisible by
-    ``keep_every`` (0: none). Incomplete folders older than the newest commit are debris of
-    killed saves and go too; a newer one may still be in flight, so it stays.
+    Kept: ``newest``, the ``keep_last`` newest committed steps up to it and every step up to it
+    divisible by ``keep_every`` (0: none). Steps above ``newest`` are of a history the run left
+    when it resumed from an older step (the newer ones would not load): they never count as
+    the last ones, and go. When ``listing`` holds no committed step up to ``newest`` (an S3
+    prefix whose copies of this run's saves failed), nothing goes: the last good copy stays.
+    Incomplete folders older than ``newest`` are debris of killed saves and go too; a newer one
+    may still be in flight, so it stays.
     """
     steps = committed_steps(listing)
-    if not steps:
+    newest = steps[-1] if newest is None and steps else newest
+    current = [s for s in steps if newest is not None and s <= newest]
+    if not current:
         return []
-    keep = set(steps[-keep_last:])
+    keep = set(current[-keep_last:])
     if keep_every:
-        keep |= {s for s in steps if s % keep_every == 0}
+        keep |= {s for s in current if s % keep_every == 0}
     doomed = [step_dir(s) for s in steps if s not in keep]
-    newest = steps[-1]
     for name in incomplete(listing):
         step = parse_step(name.removesuffix(TMP_SUFFIX))
-        if step is not None and step < newest:
+        if step is not None and step < current[-1]:
             doomed.append(name)
     return sorted(doomed)
 

@@ -3,10 +3,12 @@
 ``checkpoint.dir`` is on a shared filesystem, so rank 0 alone uploads, from a daemon thread:
 training only enqueues. ``COMMITTED.json`` goes up last and is deleted first, so a copy in S3
 is complete if and only if its marker is there; a restore trusts only marked copies, like
-the loader trusts only marked folders (``megatron_ext.commit``). Retention deletions are
-mirrored. A failed copy is logged and reported through ``on_failure``, never raised. A run
-whose ``checkpoint.dir`` holds no committed checkpoint downloads the newest complete copy
-before resuming (``restore_newest``); a failed download stops the run rather than start over.
+the loader trusts only marked folders (``megatron_ext.commit``). Retention in S3 follows the
+copies S3 holds (``prune``), not the local deletions: while uploads fail, S3 keeps its last
+complete copies. A failed copy is logged and reported through ``on_failure``, never raised. A
+run whose ``checkpoint.dir`` holds no intact checkpoint downloads the complete copies it lacks,
+newest first until one verifies (``complete_copies``, ``restore``); a download cut short resumes
+where it stopped; a failed download stops the run rather than start over.
 
 boto3 reads the endpoint, region and credentials from the environment (``AWS_ENDPOINT_URL``,
 ``AWS_REGION``, ``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, the instance
@@ -16,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ from boto3.s3.transfer import TransferConfig
 from launch.schema import CheckpointConfig
 from megatron_ext import commit
 from megatron_ext.background import BackgroundWorker
-from megatron_ext.ckpt_files import fresh_dir
+from megatron_ext.ckpt_files import fetched, verify, verify_shards
 
 log = logging.getLogger("megatron_ext.replicate")
 
@@ -72,13 +75,16 @@ class S3Replicator:
         log.info("copying committed checkpoints to %s", cfg.s3_uri)
         return cls(cfg.s3_uri, client=s3_client(), on_failure=on_failure)
 
-    def upload(self, folder: Path) -> None:
-        """Queue a copy of a committed folder; skipped if S3 holds this very copy already."""
-        self._jobs.submit(f"upload of {folder}", functools.partial(self._upload, folder))
+    def upload(self, folder: Path, *, check: bool = False) -> None:
+        """Queue a copy of a committed folder; skipped if S3 holds this very copy already.
+        ``check``: first re-hash it against its manifest (a folder nobody verified since its
+        commit), and refuse to copy it on a mismatch."""
+        self._jobs.submit(f"upload of {folder}", functools.partial(self._upload, folder, check))
 
-    def delete(self, name: str) -> None:
-        """Queue the removal of the copy of checkpoint folder ``name``."""
-        self._jobs.submit(f"deletion of {name}", functools.partial(self._delete, name))
+    def prune(self, retention: Callable[[Mapping[str, bool]], list[str]]) -> None:
+        """Queue the removal of the copies ``retention`` (``commit.to_delete``, bound to the step
+        just committed) dooms among those S3 holds, after the uploads queued before."""
+        self._jobs.submit("retention", functools.partial(self._prune, retention))
 
     def wait(self, timeout_s: float) -> bool:
         """Block until everything queued so far was copied or failed; False on timeout."""
@@ -110,7 +116,7 @@ class S3Replicator:
         """``<prefix>/<name>/<relative>``: the slash keeps step_100000 off step_1000000."""
         return "/".join(part for part in (self._prefix, name) if part) + "/" + relative
 
-    def _upload(self, folder: Path) -> None:
+    def _upload(self, folder: Path, check: bool) -> None:
         marker = (folder / commit.MARKER).read_bytes()
         marker_key = self._key(folder.name, commit.MARKER)
         try:
@@ -119,6 +125,10 @@ class S3Replicator:
                 return  # an earlier job copied this save completely
         except self._client.exceptions.NoSuchKey:
             pass
+        problems = (verify(folder) or verify_shards(folder, part=0, parts=1)) if check else []
+        if problems:
+            raise ValueError(f"not copied: {folder} does not match its manifest: "
+                             f"{'; '.join(problems)}")
         start = time.monotonic()
         # A copy of an earlier save of this step stops counting as complete before it changes.
         self._client.delete_object(Bucket=self._bucket, Key=marker_key)
@@ -131,41 +141,57 @@ class S3Replicator:
                  self.uri, folder.name, len(files) + 1,
                  sum(p.stat().st_size for p in files) / 1e9, time.monotonic() - start)
 
-    def restore_newest(self, root: Path) -> str | None:
-        """Download the newest complete copy into ``root``; its folder name, None if S3 holds
-        none. For a ``checkpoint.dir`` without a committed checkpoint (a new or lost shared
-        filesystem). Written as ``step_<N>.tmp`` and renamed, marker last: a download cut short
-        is an incomplete folder, never loaded."""
-        steps = self._complete_copies()
-        if not steps:
-            return None
-        name, start = commit.step_dir(steps[-1]), time.monotonic()
-        tmp = root / commit.tmp_dir(steps[-1])
-        fresh_dir(tmp)  # left-overs of a download cut short go
-        keys = [key for key in self._keys(self._key(name)) if not key.endswith("/" + commit.MARKER)]
+    def restore(self, step: int, root: Path) -> None:
+        """Download the complete copy of ``step`` into ``root`` (a ``checkpoint.dir`` without a
+        committed checkpoint: a new or lost shared filesystem). Written as ``step_<N>.tmp`` and
+        renamed, marker last: a download cut short is an incomplete folder, never loaded, and
+        the next try keeps the shards it already holds intact (their SHA-256 in the marker)."""
+        name, start = commit.step_dir(step), time.monotonic()
+        tmp = root / commit.tmp_dir(step)
+        tmp.mkdir(parents=True, exist_ok=True)
+        marker = self._client.get_object(Bucket=self._bucket,
+                                         Key=self._key(name, commit.MARKER))["Body"].read()
+        recorded = json.loads(marker)
+        wanted = {key.removeprefix(self._key(name)): key for key in self._keys(self._key(name))
+                  if not key.endswith("/" + commit.MARKER)}
+        for path in [p for p in tmp.rglob("*") if p.is_file()]:
+            if path.relative_to(tmp).as_posix() not in wanted:
+                path.unlink()  # not part of this copy (a killed save's left-overs)
+        todo = [key for relative, key in wanted.items() if not fetched(tmp, relative, recorded)]
 
         def download(key: str) -> None:
             target = tmp / key.removeprefix(self._key(name))
             target.parent.mkdir(parents=True, exist_ok=True)
             self._client.download_file(self._bucket, key, str(target), Config=_TRANSFER)
 
-        _in_parallel(keys + [self._key(name, commit.MARKER)], download)
+        _in_parallel(todo, download)
+        (tmp / commit.MARKER).write_bytes(marker)
         os.replace(tmp, root / name)
-        log.info("restored %s from %s/%s/ (%d files, %.0f s): %s held no committed checkpoint",
-                 name, self.uri, name, len(keys) + 1, time.monotonic() - start, root)
-        return name
+        log.info("restored %s from %s/%s/ (%d files, %d kept from an earlier try, %.0f s): %s "
+                 "held no intact one", name, self.uri, name, len(wanted) + 1,
+                 len(wanted) - len(todo), time.monotonic() - start, root)
 
     def _keys(self, prefix: str) -> list[str]:
         pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self._bucket,
                                                                        Prefix=prefix)
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
-    def _complete_copies(self) -> list[int]:
-        """Steps whose copy holds its marker (uploaded last), oldest first."""
+    def _copies(self) -> dict[str, bool]:
+        """Folder name -> its copy holds the marker (uploaded last), as ``ckpt_files.listing``."""
         root = f"{self._prefix}/" if self._prefix else ""
-        marked = {key.removeprefix(root).split("/")[0]: True for key in self._keys(root)
-                  if key.endswith("/" + commit.MARKER)}
-        return commit.committed_steps(marked)
+        found: dict[str, bool] = {}
+        for key in self._keys(root):
+            name = key.removeprefix(root).split("/")[0]
+            found[name] = found.get(name, False) or key.endswith("/" + commit.MARKER)
+        return found
+
+    def complete_copies(self) -> list[int]:
+        """Steps whose copy is complete, oldest first."""
+        return commit.committed_steps(self._copies())
+
+    def _prune(self, retention: Callable[[Mapping[str, bool]], list[str]]) -> None:
+        for name in retention(self._copies()):
+            self._delete(name)
 
     def _delete(self, name: str) -> None:
         """The marker first: a copy half deleted must not look complete."""
@@ -213,14 +239,14 @@ def _in_parallel(items: list[Any], transfer: Callable[[Any], object]) -> None:
 class NullReplicator:
     """No ``checkpoint.s3_uri``, or not rank 0: same interface, does nothing."""
 
-    def upload(self, folder: Path) -> None:
+    def upload(self, folder: Path, *, check: bool = False) -> None:
         pass
 
-    def delete(self, name: str) -> None:
+    def prune(self, retention: Callable[[Mapping[str, bool]], list[str]]) -> None:
         pass
 
     def close(self, timeout_s: float) -> None:
         pass
 
-    def restore_newest(self, root: Path) -> str | None:
-        return None
+    def complete_copies(self) -> list[int]:
+        return []

@@ -1,7 +1,9 @@
 """One optimizer step through megatron's pipeline schedule, with per-token loss averaging.
 
-The global loss is known on every rank before the update, so a non-finite one is never
-applied: the weights stay those of the last good step whatever ``train.on_nan`` does next.
+The global loss, and whether any rank's gradients hold a NaN or inf, are known on every rank
+before the update, so neither is ever applied: the weights stay those of the last good step
+whatever ``train.on_nan`` does next. megatron would apply a non-finite gradient under a finite
+loss: bf16 runs have no grad scaler to find it, and clipping skips a NaN norm.
 
 Each rank also times its own forward passes (batch fetch included): the straggler measure.
 Whole-step times are useless for that, since every rank waits for the slowest in the
@@ -33,8 +35,10 @@ class StepResult:
     lr: float
     tokens: int
     applied: bool
-    """False when the optimizer update was not applied: a non-finite loss (its gradients would
+    """False when the optimizer update was not applied: a non-finite loss or gradient (it would
     poison the weights) or megatron's own skip; the lr schedule then does not advance either."""
+    grads_finite: bool = True
+    """Every gradient of every rank was finite (checked only under a finite loss)."""
     forward_s: float = 0.0
     """Seconds this rank spent in its own forward passes (fetching the batch included), free of
     the waits for other ranks that even out whole-step times; what straggler detection compares."""
@@ -95,15 +99,28 @@ class _ForwardClock:
         return self._cpu_s + sum(start.elapsed_time(end) for start, end in self._events) / 1000
 
 
-def _global_loss(losses: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[float, int]:
-    """Every rank learns the global batch's loss, so any rank can act on a NaN."""
-    total = torch.zeros(2, device=device)
+def _nonfinite_grads(model: list[torch.nn.Module], device: torch.device) -> torch.Tensor:
+    """1.0 when this rank's reduced gradient buffers hold a NaN or inf, else 0.0. Their sum is
+    non-finite iff an element is (short of a 3e38 overflow, itself no gradient to apply), and
+    takes no mask the size of the buffers; megatron's ``check_for_nan_in_grad`` takes a norm."""
+    sums = [buffer.grad_data.sum()
+            for chunk in model for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+    total = torch.stack(sums).sum() if sums else torch.zeros((), device=device)
+    return torch.logical_not(torch.isfinite(total)).float()
+
+
+def _global_outcome(losses: list[dict[str, torch.Tensor]], nonfinite_grads: torch.Tensor,
+                    device: torch.device) -> tuple[float, int, bool]:
+    """Every rank learns the global batch's loss, its tokens and whether every gradient is
+    finite (one all-reduce), so every rank acts the same way on a NaN."""
+    total = torch.zeros(3, device=device)
     if parallel.reports_loss():
         for item in losses:
-            total += item["lm loss"].to(device)
+            total[:2] += item["lm loss"].to(device)
+    total[2] = nonfinite_grads
     dist.all_reduce(total)
     tokens = int(total[1].item())
-    return (total[0] / max(tokens, 1)).item(), tokens
+    return (total[0] / max(tokens, 1)).item(), tokens, total[2].item() == 0
 
 
 def train_step(model: list[torch.nn.Module], optimizer: MegatronOptimizer,
@@ -118,12 +135,13 @@ def train_step(model: list[torch.nn.Module], optimizer: MegatronOptimizer,
         forward_step_func=clock.timed(_forward_step),
         data_iterator=[batches] * len(model), model=model, num_microbatches=num_microbatches,
         seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
-    loss, tokens = _global_loss(losses, device)  # every rank decides the same way
+    loss, tokens, grads_finite = _global_outcome(losses, _nonfinite_grads(model, device), device)
     applied, grad_norm = False, math.nan
-    if math.isfinite(loss):
+    if math.isfinite(loss) and grads_finite:  # every rank decides the same way
         applied, norm, _ = optimizer.step()
         grad_norm = float(norm) if norm is not None else math.nan
     if applied:
         scheduler.step(increment=1)
     return StepResult(loss=loss, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"],
-                      tokens=tokens, applied=applied, forward_s=clock.seconds())
+                      tokens=tokens, applied=applied, grads_finite=grads_finite,
+                      forward_s=clock.seconds())

@@ -104,12 +104,14 @@ def _start_fields(cfg: RunConfig, layout: Layout, env: RunEnv, use_gpu: bool) ->
 
 def _check_loss(result: StepResult, step: int, streak: int, cfg: RunConfig, env: RunEnv,
                 alerts: Alerts, ckpt: Checkpointer) -> int:
-    """The new count of consecutive non-finite steps; raises ``NonFiniteLoss`` to stop."""
-    if math.isfinite(result.loss):
+    """The new count of consecutive non-finite steps (loss or gradient); raises
+    ``NonFiniteLoss`` to stop."""
+    if math.isfinite(result.loss) and result.grads_finite:
         return 0
     streak += 1
     on_nan = cfg.train.on_nan
-    what = f"loss {result.loss} at step {step}"
+    what = f"loss {result.loss} at step {step}" if not math.isfinite(result.loss) else \
+        f"non-finite gradient (loss {result.loss:.4f}) at step {step}"
     stop = on_nan == "stop" or streak >= _MAX_NAN_SKIPS
     if env.rank == 0:  # every rank sees the same global loss; one alert is enough
         kind = alert_kinds.NAN_LOSS if streak == 1 else alert_kinds.FAILURE

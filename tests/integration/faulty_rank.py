@@ -3,6 +3,12 @@
 ``python tests/integration/faulty_rank.py <config.yaml> nan <micro-batches per step> <step>[,<step>]``
     rank 0's loss is NaN in those steps (a bad batch or an overflow would do the same, only
     less predictably);
+``python tests/integration/faulty_rank.py <config.yaml> nan_grad <micro-batches per step> <step>[,<step>]``
+    rank 0's gradients are NaN in those steps while every loss stays finite (an overflow in
+    backward only);
+``python tests/integration/faulty_rank.py <config.yaml> load_error <rank>``
+    that rank's first checkpoint load raises an I/O error before megatron's load starts (its
+    peers go on into the load's collectives);
 ``python tests/integration/faulty_rank.py <config.yaml> slow <rank> <seconds>``
     that rank's every forward pass takes ``seconds`` longer (a throttled GPU, a slow host).
 """
@@ -13,11 +19,26 @@ import os
 import sys
 import time
 
+import torch
+from megatron.core import dist_checkpointing
+
 from megatron_ext import step as step_module
 from megatron_ext import train
 
 
-def poison_loss(per_step: int, steps: str) -> None:
+class _NanBackward(torch.autograd.Function):
+    """The identity forward; NaN gradients backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def poison(per_step: int, steps: str, *, gradient_only: bool) -> None:
     poisoned_steps = {int(s) for s in steps.split(",")}
     calls = itertools.count()
     real_loss = step_module._loss
@@ -25,10 +46,23 @@ def poison_loss(per_step: int, steps: str) -> None:
     def loss(loss_mask, per_token_loss):  # called once per micro-batch, in step order
         step = next(calls) // per_step + 1
         if os.environ["RANK"] == "0" and step in poisoned_steps:
-            per_token_loss = per_token_loss * float("nan")
+            per_token_loss = _NanBackward.apply(per_token_loss) if gradient_only \
+                else per_token_loss * float("nan")
         return real_loss(loss_mask, per_token_loss)
 
     step_module._loss = loss
+
+
+def fail_first_load(rank: int) -> None:
+    real_load = dist_checkpointing.load
+    calls = itertools.count()
+
+    def load(*args, **kwargs):
+        if int(os.environ["RANK"]) == rank and next(calls) == 0:
+            raise OSError(5, "Input/output error (injected)")
+        return real_load(*args, **kwargs)
+
+    dist_checkpointing.load = load
 
 
 def slow_forward(rank: int, seconds: float) -> None:
@@ -44,8 +78,10 @@ def slow_forward(rank: int, seconds: float) -> None:
 
 def main() -> int:
     config, fault, *args = sys.argv[1:]
-    if fault == "nan":
-        poison_loss(int(args[0]), args[1])
+    if fault in ("nan", "nan_grad"):
+        poison(int(args[0]), args[1], gradient_only=fault == "nan_grad")
+    elif fault == "load_error":
+        fail_first_load(int(args[0]))
     else:
         slow_forward(int(args[0]), float(args[1]))
     return train.main([config])

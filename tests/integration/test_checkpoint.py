@@ -25,8 +25,9 @@ import pytest
 from launch.config import compose, to_run_config, to_yaml
 from launch.schema import REQUEUE_REQUEST
 from megatron_ext import commit
-from megatron_ext.replicate import s3_client
-from tests.conftest import run_launch
+from megatron_ext.ckpt_files import listing
+from megatron_ext.replicate import S3Replicator, s3_client
+from tests.conftest import REPO, run_launch
 from tests.integration.conftest import read_metrics, torchrun_argv
 from tests.s3_server import aws_env, s3_endpoint
 
@@ -291,3 +292,72 @@ def test_the_s3_copy_of_the_pre_timeout_save_finishes_before_the_rank_exits(
         copy = _bucket_copy(bucket, "runs/")
     assert copy == _local_copy(tmp_path / "ckpt") and f"{saved.name}/{commit.MARKER}" in copy
     assert (run_dir / REQUEUE_REQUEST).exists()
+
+
+def _flip_a_byte_in_s3(bucket: str, prefix: str) -> None:
+    """The largest object under ``prefix`` gets one byte flipped (same size, marker kept)."""
+    client = s3_client()
+    largest = max(client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"],
+                  key=lambda item: item["Size"])["Key"]
+    data = bytearray(client.get_object(Bucket=bucket, Key=largest)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=largest, Body=bytes(data))
+
+
+def test_after_a_fallback_only_good_checkpoints_are_kept_and_copied_and_restore_falls_back(
+        reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 8 bit-flipped, step 4 good: the run falls back to 4 and commits 6. Retention must
+    keep 6 (the new commit) and drop the abandoned 8, which must never reach S3. With nothing
+    intact left on the shared filesystem, the S3 copies are tried newest first, each verified
+    after its download: a damaged one is passed over for the next."""
+    ckpt_dir, _ = _corrupt_newest(reference[0], tmp_path, _flip_a_byte)
+    bucket = "ckpt-fallback"
+    run = ("train.steps=6", "checkpoint.keep_last=1", "checkpoint.keep_every=4",
+           f"checkpoint.s3_uri=s3://{bucket}/run")
+    with s3_endpoint() as endpoint:
+        for key, value in aws_env(endpoint).items():  # the ranks inherit the environment
+            monkeypatch.setenv(key, value)
+        s3_client().create_bucket(Bucket=bucket)
+        first = _torchrun(_config(tmp_path / "first", ckpt_dir, *run))
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        assert f"resumed from {ckpt_dir / commit.step_dir(4)}" in first.stdout
+        assert listing(ckpt_dir) == {"step_000004": True, "step_000006": True}
+        assert (ckpt_dir / commit.LATEST).read_text().strip() == "step_000006"
+        replica = S3Replicator(f"s3://{bucket}/run", client=s3_client())
+        assert replica.complete_copies() == [4, 6]  # the corrupt step 8 never went up
+
+        _flip_a_byte_in_s3(bucket, "run/step_000006/")  # damaged at rest, marker intact
+        shutil.rmtree(ckpt_dir)  # the shared filesystem lost all but a damaged step 8
+        _flip_a_byte(max(_checkpoints(reference[0], ckpt_dir, 8).glob("*/*.distcp"),
+                         key=lambda p: p.stat().st_size))
+        second = _torchrun(_config(tmp_path / "second", ckpt_dir, *run))
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    out = second.stdout
+    assert f"checkpoint {ckpt_dir / 'step_000008'} is corrupt" in out
+    assert f"restored step_000006 from s3://{bucket}/run/step_000006/" in out
+    assert f"checkpoint {ckpt_dir / 'step_000006'} is corrupt" in out
+    assert f"restored step_000004 from s3://{bucket}/run/step_000004/" in out
+    assert f"resumed from {ckpt_dir / 'step_000004'}" in out
+    assert sorted(_losses(tmp_path / "second")) == [5, 6]
+
+
+def test_a_load_error_on_one_rank_ends_the_run_at_once_and_condemns_no_checkpoint(
+        reference, tmp_path: Path) -> None:
+    """An I/O error on rank 1 before megatron's load: rank 0 is inside the load's collectives,
+    so rank 1 must not join another collective (both would wait out the timeout), and a
+    checkpoint whose every byte verified is not corrupt (no fallback, nothing deleted)."""
+    ckpt_dir = _checkpoints(reference[0], tmp_path / "ckpt", 4, 8)
+    config = _config(tmp_path / "run", ckpt_dir, "resilience.collective_timeout_s=90")
+    start = time.monotonic()
+    result = subprocess.run(
+        torchrun_argv(str(REPO / "tests/integration/faulty_rank.py"), str(config), "load_error",
+                      "1"), capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    elapsed = time.monotonic() - start
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Input/output error (injected)" in output
+    assert "is corrupt" not in output and "resumed from" not in output
+    assert elapsed < 90, f"the ranks waited out the collective timeout ({elapsed:.0f} s)"
+    assert listing(ckpt_dir) == {"step_000004": True, "step_000008": True}
+    assert _losses(tmp_path / "run") == {}

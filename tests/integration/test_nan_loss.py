@@ -31,9 +31,10 @@ def receiver():
     r.close()
 
 
-def run_ranks(tmp_path: Path, url: str, nan_steps: str, *overrides: str
+def run_ranks(tmp_path: Path, url: str, nan_steps: str, *overrides: str, fault: str = "nan"
               ) -> tuple[int, list[dict], str]:
-    """The job's exit code, rank 0's metrics and the ranks' log."""
+    """The job's exit code, rank 0's metrics and the ranks' log (``fault``: ``nan`` poisons
+    the loss, ``nan_grad`` only the gradients)."""
     cfg = make_config("data=synthetic", "train.steps=8", "train.warmup_steps=1",
                       "train.global_batch_size=16", "train.micro_batch_size=4",
                       "logging.slack.enabled=true", "resilience.straggler.enabled=false",
@@ -41,7 +42,7 @@ def run_ranks(tmp_path: Path, url: str, nan_steps: str, *overrides: str
                       *overrides, run_dir=str(tmp_path / "run"))
     config = write_run_dir(cfg)
     job = subprocess.run(torchrun_argv(str(REPO / "tests/integration/faulty_rank.py"), str(config),
-                                       "nan", str(MICRO_BATCHES), nan_steps),
+                                       fault, str(MICRO_BATCHES), nan_steps),
                          env={**os.environ, "SLACK_WEBHOOK_URL": url, "PYTHONPATH": str(REPO),
                               "WANDB_DIR": str(tmp_path / "wandb-home"),
                               "WANDB_CACHE_DIR": str(tmp_path / "wandb-home"),
@@ -97,3 +98,18 @@ def test_skip_goes_on_without_the_poisoned_updates_and_alerts_once(tmp_path, rec
     sent = [alert.title for alert in of_type(wandb_records(tmp_path / "run"), "alert")]
     assert sent[-1] == f"{COMPLETED_TITLE}"  # before, the run closed before this alert
     assert [row["_step"] for row in rows if row["train/update_applied"] == 0] == [4, 5]
+
+
+def test_a_nan_gradient_under_a_finite_loss_is_never_applied_nor_saved(tmp_path, receiver):
+    """bf16 has no grad scaler and clipping skips a NaN norm: megatron's optimizer would write
+    the NaN into the weights, and the save of step 6 would poison every resume."""
+    code, metrics, log = run_ranks(tmp_path, receiver.url, "4", "train.on_nan=skip",
+                                   fault="nan_grad")
+    assert code == 0, log
+    assert [row["step"] for row in metrics] == list(range(1, 9))
+    assert [row["step"] for row in metrics if not row["update_applied"]] == [4]
+    assert all(math.isfinite(row["loss"]) for row in metrics)  # the loss never showed it
+    assert metrics[2]["lr"] == metrics[3]["lr"]  # the schedule waited
+    nan = _nan_alerts(receiver)
+    assert len(nan) == 1 and "non-finite gradient" in nan[0] and "at step 4" in nan[0]
+    assert (tmp_path / "ckpt" / "step_000006" / "COMMITTED.json").is_file()

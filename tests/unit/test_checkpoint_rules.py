@@ -84,3 +84,22 @@ def test_checksum_problems_name_the_changed_shard_and_only_it() -> None:
 def test_shards_without_a_checksum_are_named_metadata_files_need_none() -> None:
     files = ["__0_0.distcp", "__1_0.distcp", ".metadata", "common.pt"]
     assert commit.without_checksum(files, {"__0_0.distcp": "aa"}) == ["__1_0.distcp"]
+
+
+def test_retention_after_a_fallback_keeps_the_new_commit_and_drops_the_abandoned_newer_one(
+) -> None:
+    """Step 8 failed to load, the run went back to 4 and committed 6: 8 is not the newest of
+    this run's history, so it neither counts among the last kept nor survives."""
+    listing = {commit.step_dir(s): True for s in (4, 6, 8)}
+    assert commit.to_delete(listing, keep_last=1, keep_every=4, newest=6) == ["step_000008"]
+    assert commit.to_delete(listing, keep_last=1, keep_every=0, newest=6) == [
+        "step_000004", "step_000008"]
+
+
+def test_retention_of_a_listing_without_the_new_commit_keeps_its_last_good_ones() -> None:
+    """An S3 prefix whose copies of steps 6 and 8 were refused still holds 2 and 4: those are
+    the last good copies and stay; with nothing at or below the commit, nothing goes."""
+    copies = {"step_000002": True, "step_000004": True, "step_000006": False}
+    assert commit.to_delete(copies, keep_last=2, keep_every=0, newest=8) == []
+    assert commit.to_delete(copies, keep_last=1, keep_every=0, newest=8) == ["step_000002"]
+    assert commit.to_delete({"step_000012": True}, keep_last=1, keep_every=0, newest=6) == []

@@ -3,6 +3,7 @@ before a resume. Megatron's real ``AsyncRequest`` carries a stand-in writer (no 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
@@ -63,3 +64,24 @@ def test_a_writer_that_failed_leaves_no_checksums_and_the_commit_names_the_shard
     (tmp / "__0_0.distcp").write_bytes(b"late")  # e.g. a writer that hashed nothing
     publish(tmp_path, 2, "")
     assert "__0_0.distcp has no checksum" in caplog.text
+
+
+def test_everything_the_marker_vouches_for_is_on_disk_before_the_marker(tmp_path, monkeypatch):
+    """A node crash soon after a commit (Lustre, FSx) must not leave a marker naming files that
+    only the page cache held: megatron fsyncs the shards and .metadata, not the rest."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    tmp = tmp_path / commit.tmp_dir(4)
+    tmp.mkdir()
+    for name in ("common.pt", "metadata.json"):
+        (tmp / name).write_bytes(b"written by megatron without fsync")
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    publish(tmp_path, 4, "model: tiny\n")
+    before_marker = synced[:synced.index(commit.MARKER + ".writing")]
+    assert {"common.pt", "metadata.json", "config.yaml.writing", tmp.name} <= set(before_marker)
+    assert synced[-1] == tmp_path.name  # the rename into place, last

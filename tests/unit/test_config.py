@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from launch.config import CONF_DIR, derive_layout, validate
+from launch.prepare import for_sweep_point
 from tests.conftest import make_config, run_launch
 
 # (overrides, a fragment the message must contain)
@@ -142,3 +143,16 @@ def test_command_line_groups_replace_a_gpu_profile_s_defaults(tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     assert "name: tiny" in result.stdout and "TP=2 PP=1" in result.stdout
     assert "steps: 300" in result.stdout  # train=demo, not the profile's pretrain
+
+
+def test_each_sweep_point_has_its_own_checkpoint_folder_and_s3_prefix() -> None:
+    """`-m train.lr=0.001,0.003 checkpoint.s3_uri=s3://bkt/sweep`: a point must never restore
+    another point's checkpoint from S3, nor delete its copies by retention."""
+    cfg = make_config("checkpoint.s3_uri=s3://bkt/sweep/")
+    points = [for_sweep_point(cfg, f"train.lr={lr}", "sweep-1").checkpoint
+              for lr in ("0.001", "0.003")]
+    assert [p.s3_uri for p in points] == ["s3://bkt/sweep/train.lr=0.001",
+                                          "s3://bkt/sweep/train.lr=0.003"]
+    assert all(p.problems() == [] for p in points)
+    assert len({p.dir for p in points}) == 2
+    assert for_sweep_point(make_config(), "train.lr=0.001", "sweep-1").checkpoint.s3_uri == ""

@@ -1,11 +1,14 @@
 """S3 copies of committed checkpoints against a real S3 endpoint (moto's server on loopback)."""
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 
 from launch.schema import CheckpointConfig
 from megatron_ext import commit
+from megatron_ext.ckpt_files import file_sha256, publish
 from megatron_ext.replicate import NullReplicator, S3Replicator, s3_client
 from tests.conftest import REPO
 from tests.s3_server import aws_env, s3_endpoint
@@ -48,6 +52,28 @@ def _committed(root: Path, step: int, big: bool = False) -> Path:
     (folder / "common.pt").write_bytes(b"common %d" % step)
     (folder / commit.MARKER).write_text(f'{{"step": {step}}}')
     return folder
+
+
+def _published(root: Path, step: int) -> Path:
+    """A folder committed as rank 0 commits one (``ckpt_files.publish``): a real manifest
+    with every shard's SHA-256, as its writer would have recorded it."""
+    tmp = root / commit.tmp_dir(step)
+    tmp.mkdir(parents=True)
+    shards = {f"__{rank}_0.distcp": os.urandom(4000) for rank in (0, 1)}
+    for name, data in shards.items():
+        (tmp / name).write_bytes(data)
+    (tmp / commit.shard_digests_name(0)).write_text(
+        json.dumps({name: file_sha256(tmp / name) for name in shards}))
+    (tmp / ".metadata").write_bytes(b"metadata")
+    (tmp / "common.pt").write_bytes(b"common %d" % step)
+    publish(root, step, "model: tiny\n")
+    return root / commit.step_dir(step)
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 def _objects(bucket: str, prefix: str = "") -> dict[str, bytes]:
@@ -117,11 +143,36 @@ def test_restore_takes_the_newest_complete_copy_whole_and_skips_a_cut_short_one(
     key = "/".join(filter(None, (prefix, commit.step_dir(30), commit.MARKER)))
     s3_client().delete_object(Bucket=bucket, Key=key)  # step 30's copy was cut short
     lost = tmp_path / "new-fsx" / "checkpoints"
-    assert replica.restore_newest(lost) == commit.step_dir(20)
+    assert replica.complete_copies() == [10, 20]
+    replica.restore(20, lost)
     assert sorted(p.name for p in lost.iterdir()) == [commit.step_dir(20)]  # no .tmp left
     assert _files(lost / commit.step_dir(20)) == _files(tmp_path / "fsx" / commit.step_dir(20))
-    assert S3Replicator(f"s3://{bucket}/elsewhere", client=s3_client()).restore_newest(
-        tmp_path / "empty") is None
+    assert S3Replicator(f"s3://{bucket}/elsewhere", client=s3_client()).complete_copies() == []
+
+
+def test_a_restore_cut_short_resumes_keeping_the_intact_shards_it_fetched(
+        bucket: str, tmp_path: Path) -> None:
+    """A download that outlasts resilience.collective_timeout_s ends the job; the requeued
+    one must not start it over (it would never finish), nor keep a damaged shard."""
+    replica = S3Replicator(f"s3://{bucket}/runs", client=s3_client())
+    folder = _published(tmp_path / "fsx", 30)
+    replica.upload(folder)
+    assert replica.wait(timeout_s=30)
+    lost = tmp_path / "new-fsx"
+    cut_short = lost / commit.tmp_dir(30)  # what the first try left
+    cut_short.mkdir(parents=True)
+    for name in ("__0_0.distcp", "__1_0.distcp", "common.pt"):
+        (cut_short / name).write_bytes((folder / name).read_bytes())
+    _flip_a_byte(cut_short / "__1_0.distcp")  # same size, wrong bytes
+    (cut_short / "__9_0.distcp").write_bytes(b"a killed save's")
+    client = s3_client()
+    calls = _record_calls(client)
+    S3Replicator(f"s3://{bucket}/runs", client=client).restore(30, lost)
+    assert _files(lost / commit.step_dir(30)) == _files(folder)
+    fetched = [name for name in calls if name in ("GetObject", "HeadObject")]
+    # The marker (read first), then __1_0.distcp, .metadata, common.pt and config.yaml again
+    # (a HEAD and a GET each); the intact shard __0_0.distcp is not fetched a second time.
+    assert fetched.count("GetObject") == 1 + 4 and fetched.count("HeadObject") == 4
 
 
 def test_retention_deletions_are_mirrored_marker_first_and_only_for_that_step(
@@ -134,11 +185,53 @@ def test_retention_deletions_are_mirrored_marker_first_and_only_for_that_step(
     replica.upload(doomed)
     assert replica.wait(timeout_s=30)
     calls = _record_calls(client)
-    replica.delete(doomed.name)
+    replica.prune(functools.partial(commit.to_delete, keep_last=1, keep_every=0))
     assert replica.wait(timeout_s=30)
     assert _objects(bucket) == _files(kept, "p")
     deletes = [name for name in calls if name.startswith("Delete")]
     assert deletes == ["DeleteObject", "DeleteObjects"]  # the marker, then the rest
+
+
+def test_while_every_put_is_refused_s3_keeps_its_last_complete_copies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention in S3 goes by the copies S3 holds: local deletions of checkpoints whose
+    newer copies never got there (403, as with a missing KMS grant) are not mirrored."""
+    refuse = threading.Event()
+    with s3_endpoint(refuse_puts=refuse) as url:
+        for name, value in aws_env(url).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # boto3's retries would only slow the test
+        s3_client().create_bucket(Bucket="ckpt")
+        failures: list[str] = []
+        replica = S3Replicator("s3://ckpt/run", client=s3_client(), on_failure=failures.append)
+        root = tmp_path / "fsx"
+        for step in (2, 4):
+            replica.upload(_committed(root, step))
+        assert replica.wait(timeout_s=30) and replica.complete_copies() == [2, 4]
+        refuse.set()
+        for step in (6, 8, 10):  # two jobs' commits, keep_last=2, each copy refused
+            replica.upload(_committed(root, step))
+            replica.prune(functools.partial(commit.to_delete, keep_last=2, keep_every=0,
+                                            newest=step))
+        assert replica.wait(timeout_s=60)
+        assert len(failures) == 3 and all("AccessDenied" in f for f in failures)
+        assert replica.complete_copies() == [2, 4]
+        assert _objects("ckpt", "run/step_000004/") == _files(root / "step_000004", "run")
+
+
+def test_a_start_time_copy_of_a_corrupt_folder_is_refused_not_uploaded(
+        bucket: str, tmp_path: Path) -> None:
+    """The copies a job makes at its start are of folders nobody verified since their commit:
+    a shard with one flipped byte must not reach S3 as a complete copy."""
+    folder = _published(tmp_path, 8)
+    _flip_a_byte(folder / "__1_0.distcp")
+    failures: list[str] = []
+    replica = S3Replicator(f"s3://{bucket}/run", client=s3_client(), on_failure=failures.append)
+    replica.upload(folder, check=True)
+    assert replica.wait(timeout_s=30)
+    assert replica.complete_copies() == [] and _objects(bucket) == {}
+    assert len(failures) == 1 and "not copied" in failures[0]
+    assert "__1_0.distcp does not match its SHA-256" in failures[0]
 
 
 def _dead_port() -> int:
