@@ -41,6 +41,10 @@ STRAGGLER = "straggler"
 HANG = "hang"
 CHECKPOINT_FAILURE = "checkpoint_failure"
 NAN_LOSS = "nan_loss"
+"""The run stops on a non-finite loss or gradient (``train.on_nan``): why the attempt ends."""
+NAN_SKIPPED = "nan_skipped"
+"""A non-finite step was skipped (``train.on_nan=skip``) and training goes on: a rate-limited
+warning that claims nothing, so a later stop or failure is still posted."""
 SPIKE = "spike"
 """The loss or gradient norm jumped far above its rolling median (``megatron_ext.spikes``)."""
 WANDB_OFFLINE = "wandb_offline"
@@ -54,7 +58,8 @@ _STYLE = {
     STRAGGLER: (":snail:", "straggler detected", "WARN"),
     HANG: (":hourglass:", "hang detected", "ERROR"),
     CHECKPOINT_FAILURE: (":floppy_disk:", "checkpoint failed", "ERROR"),
-    NAN_LOSS: (":warning:", "loss is NaN or infinite", "ERROR"),
+    NAN_LOSS: (":warning:", "non-finite loss or gradient: stopped", "ERROR"),
+    NAN_SKIPPED: (":warning:", "non-finite loss or gradient: step skipped", "WARN"),
     SPIKE: (":chart_with_upwards_trend:", "loss or gradient spike", "WARN"),
     WANDB_OFFLINE: (":card_file_box:", "logs W&B offline", "WARN"),
 }

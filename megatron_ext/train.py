@@ -114,7 +114,7 @@ def _check_loss(result: StepResult, step: int, streak: int, cfg: RunConfig, env:
         f"non-finite gradient (loss {result.loss:.4f}) at step {step}"
     stop = on_nan == "stop" or streak >= _MAX_NAN_SKIPS
     if env.rank == 0:  # every rank sees the same global loss; one alert is enough
-        kind = alert_kinds.NAN_LOSS if streak == 1 else alert_kinds.FAILURE
+        kind = alert_kinds.NAN_LOSS if stop else alert_kinds.NAN_SKIPPED
         action = "stopping" if stop else "step skipped (train.on_nan=skip), no update applied"
         alerts.send(kind, f"{what} ({streak} in a row); {action}", rank=env.rank)
         if stop:
