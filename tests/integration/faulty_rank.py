@@ -6,6 +6,8 @@
 ``python tests/integration/faulty_rank.py <config.yaml> nan_grad <micro-batches per step> <step>[,<step>]``
     rank 0's gradients are NaN in those steps while every loss stays finite (an overflow in
     backward only);
+``python tests/integration/faulty_rank.py <config.yaml> spike <micro-batches per step> <step>[,<step>]``
+    rank 0's loss (and so its gradients) is 50 times larger in those steps (a bad batch);
 ``python tests/integration/faulty_rank.py <config.yaml> load_error <rank>``
     that rank's first checkpoint load raises an I/O error before megatron's load starts (its
     peers go on into the load's collectives);
@@ -38,7 +40,8 @@ class _NanBackward(torch.autograd.Function):
         return grad * float("nan")
 
 
-def poison(per_step: int, steps: str, *, gradient_only: bool) -> None:
+def poison(per_step: int, steps: str, *, gradient_only: bool, factor: float = float("nan")
+           ) -> None:
     poisoned_steps = {int(s) for s in steps.split(",")}
     calls = itertools.count()
     real_loss = step_module._loss
@@ -47,7 +50,7 @@ def poison(per_step: int, steps: str, *, gradient_only: bool) -> None:
         step = next(calls) // per_step + 1
         if os.environ["RANK"] == "0" and step in poisoned_steps:
             per_token_loss = _NanBackward.apply(per_token_loss) if gradient_only \
-                else per_token_loss * float("nan")
+                else per_token_loss * factor
         return real_loss(loss_mask, per_token_loss)
 
     step_module._loss = loss
@@ -80,6 +83,8 @@ def main() -> int:
     config, fault, *args = sys.argv[1:]
     if fault in ("nan", "nan_grad"):
         poison(int(args[0]), args[1], gradient_only=fault == "nan_grad")
+    elif fault == "spike":
+        poison(int(args[0]), args[1], gradient_only=False, factor=50.0)
     elif fault == "load_error":
         fail_first_load(int(args[0]))
     else:

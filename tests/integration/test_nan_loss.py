@@ -116,3 +116,15 @@ def test_a_nan_gradient_under_a_finite_loss_is_never_applied_nor_saved(tmp_path,
     nan = _nan_alerts(receiver)
     assert len(nan) == 1 and "non-finite gradient" in nan[0] and "at step 4" in nan[0]
     assert (tmp_path / "ckpt" / "step_000006" / "COMMITTED.json").is_file()
+
+
+def test_a_loss_and_gradient_spike_is_alerted_and_training_goes_on(tmp_path, receiver):
+    """The demo's grad norm 40.4 against a median of 0.75 passed without a word."""
+    code, metrics, log = run_ranks(tmp_path, receiver.url, "12", "train.steps=13",
+                                   fault="spike")
+    assert code == 0, log
+    assert [row["step"] for row in metrics] == list(range(1, 14))
+    spikes = [p for p in receiver.posts if "loss or gradient spike" in p]
+    assert len(spikes) == 1, receiver.posts  # loss and grad norm: one kind, rate-limited
+    assert "loss " in spikes[0] and "at step 12" in spikes[0] and "x the median" in spikes[0]
+    assert "spike: grad norm" in log and "at step 12" in log
