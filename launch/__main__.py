@@ -16,6 +16,7 @@ from launch.config import (CONF_DIR, compose, explicit_keys, one_line_error, reg
                            to_run_config, validate)
 from launch.prepare import (absolutize, choose_layout, for_sweep_point, prepare_data,
                             write_run_dir)
+from launch.planning.time_limit import with_time_limit
 from launch.schema import RunConfig
 
 
@@ -36,6 +37,14 @@ def _preflight(argv: list[str]) -> None:
         _refuse(err)
 
 
+def _exit_on(problems: list[str]) -> None:
+    """Every problem, one line each, then exit 2; nothing when there are none."""
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        sys.exit(2)
+
+
 def _typed(cfg: DictConfig) -> RunConfig:
     try:
         return to_run_config(cfg)
@@ -51,12 +60,10 @@ def main(raw: DictConfig) -> None:
     if hydra_cfg.mode == RunMode.MULTIRUN:  # sweep points must not resume each other's checkpoints
         cfg = for_sweep_point(cfg, hydra_cfg.job.override_dirname or str(hydra_cfg.job.num),
                               sweep=f"{cfg.name}-{Path(hydra_cfg.sweep.dir).name}")
+    _exit_on(validate(cfg))  # before planning: the planner divides by what it checks
     cfg, layout, note = choose_layout(cfg, explicit_keys(hydra_cfg.overrides.task))
-    problems = validate(cfg, layout)
-    if problems:
-        for problem in problems:
-            print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
+    _exit_on(validate(cfg, layout))
+    cfg = with_time_limit(cfg, layout)
     print(f"layout: {layout.describe()}{note}")
     if cfg.launch.dry_run:
         from launch.submit import dry_run_text

@@ -21,6 +21,7 @@ import submitit
 
 from launch import sbatch
 from launch.config import ConfigError, to_yaml
+from launch.planning import time_limit
 from launch.schema import RUN_CONFIG, RunConfig
 
 
@@ -61,7 +62,7 @@ def dry_run_text(cfg: RunConfig, python: str = sys.executable) -> str:
     if cfg.cluster.kind == "slurm":
         script = sbatch.render(cfg, Path(cfg.run_dir) / RUN_CONFIG, slurm_folder(cfg), python)
         warnings = "".join(f"warning: {p}\n" for p in shared_fs_problems(cfg))
-        text += f"\n{warnings}# ---- sbatch script ----\n{script}"
+        text += f"\n{time_limit.describe(cfg)}\n{warnings}# ---- sbatch script ----\n{script}"
     return text
 
 

@@ -109,6 +109,9 @@ class Checkpointer:
         self._in_flight: int | None = None
         self._requested = False
         self._last_save = time.monotonic()
+        self.last_save_s: float | None = None
+        """Seconds from the start of the last save to its commit (noticed at a step boundary,
+        so up to a step more than the write): the time budget's save time (deadline.py)."""
         self._replica = S3Replicator.from_config(cfg, rank=self.rank, on_failure=on_failure)
         if cfg.s3_uri and self.rank == 0:  # copies an earlier job was ended before finishing
             for step in commit.load_order(listing(self.root)):
@@ -211,6 +214,12 @@ class Checkpointer:
             log.info("checkpoint %s committed", self.root / commit.step_dir(step))
         dist.barrier()  # nobody sees the step as saved before it is visible
         self.last_committed_step, self._in_flight = step, None
+        self.last_save_s = time.monotonic() - self._last_save
+
+    @property
+    def saving(self) -> bool:
+        """A save is being written: a stop save would wait for it first."""
+        return self._in_flight is not None
 
     def close(self, step: int, consumed_samples: int, *,
               s3_timeout_s: float | None = None) -> None:

@@ -25,6 +25,7 @@ from megatron_ext import parallel
 from megatron_ext.alerts import Alerts
 from megatron_ext.checkpoint import Checkpointer
 from megatron_ext.cpu import cpu_mode
+from megatron_ext.deadline import TimeBudget
 from megatron_ext.data import BatchPlan, build_train_dataset, microbatches
 from megatron_ext.env import RunEnv
 from megatron_ext.init_from import has_checkpoint, load_pretrained
@@ -161,8 +162,10 @@ class Loop:
         straggler = StragglerDetector.from_config(
             cfg, group=None, rank=env.rank, hostname=env.hostname,
             role=pipeline_position(parallel.pp_rank(), layout.pp))
+        budget = TimeBudget.agreed(cfg.cluster, rank=env.rank,
+                                   device="cuda" if use_gpu else "cpu")
         return cls(cfg, env, run, alerts, report, watchdog, straggler,
-                   StopSignals(cfg.cluster.signal), use_gpu)
+                   StopSignals(cfg.cluster.signal, budget), use_gpu)
 
     def step(self, step: int, consumed: int) -> int:
         """Run ``step`` and what follows it; the samples consumed after it."""
@@ -182,8 +185,9 @@ class Loop:
         run.ckpt.maybe_save(step, consumed)
         self.report.step(step, result, step_s, consumed, checkpoint_blocking_s=time.monotonic()
                          - save_start, straggler=check)
-        if self.stop.requested(device="cuda" if self.use_gpu else "cpu"):
-            log.warning("stop signal: saving step %d, then exiting for requeue", step)
+        if self.stop.requested(device="cuda" if self.use_gpu else "cpu", step_s=step_s,
+                               save_s=run.ckpt.last_save_s, save_in_flight=run.ckpt.saving):
+            log.warning("%s: saving step %d, then exiting for requeue", self.stop.reason, step)
             run.ckpt.save(step, consumed, blocking=True)
             # rank 0's S3 copy of it may use the time left before the limit
             run.ckpt.close(step, consumed, s3_timeout_s=self.stop.seconds_left())
