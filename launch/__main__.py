@@ -14,8 +14,8 @@ from hydra.errors import HydraException
 
 from launch.config import (CONF_DIR, compose, explicit_keys, one_line_error, register_schema,
                            to_run_config, validate)
-from launch.prepare import (absolutize, choose_layout, for_sweep_point, prepare_data,
-                            write_run_dir)
+from launch.prepare import (absolutize, choose_layout, data_problems, for_sweep_point,
+                            prepare_data, write_run_dir)
 from launch.planning.time_limit import with_time_limit
 from launch.schema import RunConfig
 
@@ -71,9 +71,11 @@ def main(raw: DictConfig) -> None:
         print(dry_run_text(cfg))
         return
     prepare_data(cfg)
-    config_path = write_run_dir(cfg)
-    from launch.submit import follow, submit  # submitit only once there is something to submit
+    # submitit only once there is something to submit
+    from launch.submit import follow, node_path_problems, shared_fs_problems, submit
 
+    _exit_on(data_problems(cfg) + shared_fs_problems(cfg) + node_path_problems(cfg))
+    config_path = write_run_dir(cfg)
     job = submit(cfg, config_path)
     print(f"submitted job {job.job_id}; run folder {cfg.run_dir}", flush=True)
     if cfg.cluster.kind == "local" and cfg.launch.wait:

@@ -56,12 +56,39 @@ def shared_fs_problems(cfg: RunConfig) -> list[str]:
             for key, path in paths.items() if path and not Path(path).is_relative_to(shared)]
 
 
+def node_path_problems(cfg: RunConfig, repo: Path = sbatch.REPO) -> list[str]:
+    """What every node runs must exist, and be on ``cluster.shared_dir`` when it is set: the
+    repo checkout (the batch script sources slurm/ from it, the ranks import it), the venv,
+    and a container image given as a file (not a registry reference such as ``nvcr.io#...``)."""
+    c = cfg.cluster
+    if c.kind != "slurm":
+        return []
+    paths = {"the repo checkout": str(repo)}
+    out = []
+    if c.venv:
+        paths["cluster.venv"] = c.venv
+        if not (Path(c.venv) / "bin" / "python").exists():
+            out.append(f"cluster.venv={c.venv} has no bin/python here; create the venv on the "
+                       "shared filesystem (python -m venv) or leave cluster.venv empty")
+    if c.container_image.startswith("/"):
+        paths["cluster.container_image"] = c.container_image
+        if not Path(c.container_image).is_file():
+            out.append(f"cluster.container_image={c.container_image} does not exist; import it "
+                       "first (enroot import -o <file>.sqsh dockerd://<image>)")
+    if c.shared_dir:
+        out += [f"{key}={path} is not under cluster.shared_dir={c.shared_dir}; the compute "
+                "nodes cannot read it" for key, path in paths.items()
+                if not Path(path).is_relative_to(c.shared_dir)]
+    return out
+
+
 def dry_run_text(cfg: RunConfig, python: str = sys.executable) -> str:
     """The resolved config and, on Slurm, the sbatch script a real launch would submit."""
     text = to_yaml(cfg)
     if cfg.cluster.kind == "slurm":
         script = sbatch.render(cfg, Path(cfg.run_dir) / RUN_CONFIG, slurm_folder(cfg), python)
-        warnings = "".join(f"warning: {p}\n" for p in shared_fs_problems(cfg))
+        warnings = "".join(f"warning: {p}\n"
+                           for p in shared_fs_problems(cfg) + node_path_problems(cfg))
         text += f"\n{time_limit.describe(cfg)}\n{warnings}# ---- sbatch script ----\n{script}"
     return text
 
@@ -84,7 +111,8 @@ def _submit_slurm(cfg: RunConfig, config_path: Path) -> submitit.Job:
     wrapper, which would swallow the pre-timeout signal; so the Job has no result pickle: read
     state with squeue/scontrol and results from the run folder.
     """
-    problems = shared_fs_problems(cfg) + sbatch.header_problems(cfg, slurm_folder(cfg))
+    problems = (shared_fs_problems(cfg) + node_path_problems(cfg)
+                + sbatch.header_problems(cfg, slurm_folder(cfg)))
     if problems:
         raise ConfigError(problems)
     slurm_folder(cfg).parent.mkdir(parents=True, exist_ok=True)  # where submitit stages the script
