@@ -72,9 +72,11 @@ def main(raw: DictConfig) -> None:
         return
     prepare_data(cfg)
     # submitit only once there is something to submit
-    from launch.submit import follow, node_path_problems, shared_fs_problems, submit
+    from launch.submit import (follow, node_path_problems, shared_fs_problems, submit,
+                               with_registered_cpus)
 
-    _exit_on(data_problems(cfg) + shared_fs_problems(cfg) + node_path_problems(cfg))
+    cfg, cpu_problems = with_registered_cpus(cfg)
+    _exit_on(cpu_problems + data_problems(cfg) + shared_fs_problems(cfg) + node_path_problems(cfg))
     config_path = write_run_dir(cfg)
     job = submit(cfg, config_path)
     print(f"submitted job {job.job_id}; run folder {cfg.run_dir}", flush=True)

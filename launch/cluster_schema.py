@@ -38,6 +38,10 @@ class ClusterConfig:
     gpu_memory_gib: float = 80.0
     """Memory per GPU; the planner budgets with it and the health check expects it."""
     cpus_per_task: int = 1
+    """CPUs of each rank (``--cpus-per-task``); 0 on Slurm: the CPUs Slurm registered for the
+    partition's smallest node, split between its ranks, asked at submit (``sinfo``). A fixed
+    count that is a p5's whole vCPU count is refused where hyper-threading is off or cores are
+    reserved."""
     debug: bool = False
     """Local only: run a single rank in the foreground (submitit DebugExecutor); world size 1."""
     timeout_min: int = 60
@@ -109,8 +113,11 @@ class ClusterConfig:
         out = choice_problem("cluster.kind", self.kind, CLUSTER_KINDS)
         out += choice_problem("cluster.interconnect", self.interconnect, INTERCONNECTS)
         out += choice_problem("cluster.gpu", self.gpu, GPU_TYPES)
-        for name in ("nodes", "gpus_per_node", "cpus_per_task", "timeout_min"):
+        for name in ("nodes", "gpus_per_node", "timeout_min"):
             out += positive_problem(f"cluster.{name}", getattr(self, name))
+        if self.cpus_per_task < 0 or (self.kind == "local" and self.cpus_per_task == 0):
+            out.append(f"cluster.cpus_per_task={self.cpus_per_task} must be > 0 (or 0 on Slurm: "
+                       "what Slurm registered for the partition's nodes)")
         out += positive_problem("cluster.gpu_memory_gib", self.gpu_memory_gib)
         out += positive_problem("cluster.storage_write_gbs", self.storage_write_gbs)
         out += [f"cluster.{name}={getattr(self, name)} must be >= 0"

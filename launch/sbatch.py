@@ -107,7 +107,9 @@ def _teardown_lines(cfg: RunConfig, python: str) -> list[str]:
 def _srun_args(c: ClusterConfig) -> list[str]:
     # One rank that dies or exits non-zero ends the step: its peers would otherwise sit in a
     # collective until the timeout, and a frozen rank would hold the job to its time limit.
-    args: list[str] = ["--kill-on-bad-exit=1"]
+    # No CPU binding: srun's default binds each task to cores without regard to which socket
+    # its GPU hangs off; AWS's nccl-tests on p4d/p5 run with --cpu-bind=none.
+    args: list[str] = ["--kill-on-bad-exit=1", "--cpu-bind=none"]
     if c.auto_resume:
         args.append("--auto-resume=1")
     if c.container_image:
@@ -122,7 +124,7 @@ def slurm_params(cfg: RunConfig, python: str, repo: Path = REPO) -> dict[str, An
     c = cfg.cluster
     params: dict[str, Any] = {
         "job_name": cfg.name, "nodes": c.nodes, "ntasks_per_node": c.gpus_per_node,
-        "cpus_per_task": c.cpus_per_task, "time": c.timeout_min, "wckey": None,
+        "time": c.timeout_min, "wckey": None,
         "setup": _setup_lines(c, repo) + [
             "rm -rf " + " ".join(shlex.quote(str(Path(cfg.run_dir) / name))
                                  for name in (REQUEUE_REQUEST, ALERTS_SENT, NO_RESTART))],
@@ -130,13 +132,19 @@ def slurm_params(cfg: RunConfig, python: str, repo: Path = REPO) -> dict[str, An
         "srun_args": _srun_args(c),
         # submitit's own --signal (USR2@90) is for its pickled wrapper, which is not used here.
         "additional_parameters": {"signal": c.signal,
-                                  "requeue" if c.requeue else "no-requeue": True},
+                                  "requeue" if c.requeue else "no-requeue": True,
+                                  # the script starts once every node booted (cloud nodes
+                                  # power up on demand), not when the first one did
+                                  "wait_all_nodes": 1},
     }
+    if c.cpus_per_task:  # 0: not known yet (a dry run where sinfo could not answer)
+        params["cpus_per_task"] = c.cpus_per_task
     for key in ("partition", "account", "qos"):
         if getattr(c, key):
             params[key] = getattr(c, key)
-    if c.exclusive:
+    if c.exclusive:  # the whole node, its memory too (as AWS's NeMo sample asks)
         params["exclusive"] = True
+        params["mem"] = "0"
     if c.gpus_per_node_directive:
         params["gpus_per_node"] = c.gpus_per_node
     return params

@@ -7,6 +7,7 @@ list; on Slurm, launch/sbatch.py renders (and quotes) the script around it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
 import signal
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import psutil
 import submitit
@@ -82,13 +83,43 @@ def node_path_problems(cfg: RunConfig, repo: Path = sbatch.REPO) -> list[str]:
     return out
 
 
+def registered_cpus(partition: str) -> Optional[int]:
+    """CPUs Slurm registered for the smallest node of ``partition`` (the default: every node);
+    None when ``sinfo`` is missing or reports none."""
+    command = ["sinfo", "-h", "-N", "-o", "%c"] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    counts = [int(word) for word in out.stdout.split() if word.isdigit()]
+    return min(counts) if counts else None
+
+
+def with_registered_cpus(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
+    """``cluster.cpus_per_task=0`` on Slurm: each rank's share of ``registered_cpus``, or the
+    problem saying it could not be asked. A request above what Slurm registered is refused by
+    sbatch, so it is never guessed."""
+    c = cfg.cluster
+    if c.kind != "slurm" or c.cpus_per_task:
+        return cfg, []
+    cpus = registered_cpus(c.partition)
+    where = f"partition {c.partition}" if c.partition else "the default partition"
+    if cpus is None or cpus < c.gpus_per_node:
+        return cfg, [f"cluster.cpus_per_task=0 takes the CPUs Slurm registered for {where}'s "
+                     f"nodes, but sinfo reported {cpus}; set cluster.cpus_per_task (at most the "
+                     f"node's CPUs / cluster.gpus_per_node={c.gpus_per_node})"]
+    return dataclasses.replace(cfg, cluster=dataclasses.replace(
+        c, cpus_per_task=cpus // c.gpus_per_node)), []
+
+
 def dry_run_text(cfg: RunConfig, python: str = sys.executable) -> str:
     """The resolved config and, on Slurm, the sbatch script a real launch would submit."""
+    cfg, cpu_problems = with_registered_cpus(cfg)
     text = to_yaml(cfg)
     if cfg.cluster.kind == "slurm":
         script = sbatch.render(cfg, Path(cfg.run_dir) / RUN_CONFIG, slurm_folder(cfg), python)
-        warnings = "".join(f"warning: {p}\n"
-                           for p in shared_fs_problems(cfg) + node_path_problems(cfg))
+        warnings = "".join(f"warning: {p}\n" for p in cpu_problems + shared_fs_problems(cfg)
+                           + node_path_problems(cfg))
         text += f"\n{time_limit.describe(cfg)}\n{warnings}# ---- sbatch script ----\n{script}"
     return text
 

@@ -211,9 +211,12 @@ def test_the_ranks_save_and_requeue_before_the_time_limit(slurm: Path, workdir: 
 
 def test_a_nan_stop_is_not_requeued(slurm: Path, workdir: Path, tmp_path: Path) -> None:
     """A rerun would meet the same NaN at the same step: the job fails once, not forever."""
-    job_id, run_dir = launch(workdir, "name=slurm-nan", "train.steps=20",
+    job_id, run_dir = launch(workdir, "name=slurm-nan", "train.steps=20", "train.warmup_steps=1",
                              "train.global_batch_size=2", "train.micro_batch_size=1",
+                             "cluster.cpus_per_task=0",  # from sinfo: this node's 2 CPUs / 2
                              f"cluster.venv={_faulty_venv(tmp_path, 'nan', '1', '3')}")
+    script = (run_dir / "logs" / job_id / f"{job_id}_submission.sh").read_text()
+    assert "#SBATCH --cpus-per-task=1\n" in script
     info = wait_for(job_id)
     err = (run_dir / "logs" / job_id / f"{job_id}_0_log.err").read_text()
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", err[-3000:]
@@ -229,6 +232,7 @@ def test_a_hanging_job_is_requeued_at_most_max_restarts_times(slurm: Path, workd
     receiver = Receiver()
     try:
         job_id, run_dir = launch(workdir, "name=slurm-hang", "train.steps=20",
+                                 "train.warmup_steps=1",
                                  "cluster.max_restarts=1",
                                  "resilience.watchdog.first_step_timeout_s=20",
                                  "logging.slack.enabled=true",

@@ -16,7 +16,7 @@ import pytest
 
 from launch import sbatch
 from launch.config import with_values
-from launch.submit import dry_run_text, executor_params, shared_fs_problems
+from launch.submit import dry_run_text, executor_params, shared_fs_problems, with_registered_cpus
 from launch.schema import ALERTS_SENT, FAILURES, NO_RESTART, REQUEUE_REQUEST
 from megatron_ext.signals import StopSignals
 from tests.conftest import REPO, make_config
@@ -34,9 +34,12 @@ def _render(*overrides: str, run: Path = RUN, repo: Path = FIXED_REPO,
     return sbatch.render(cfg, run / "config.yaml", run / "logs" / "%j", "/usr/bin/python3", repo)
 
 
+# cluster.cpus_per_task as the launcher resolves it where sinfo reports p5's 192 vCPUs
 @pytest.mark.parametrize("golden, overrides", [
-    ("hyperpod_p5_4nodes.sbatch", ["cluster=hyperpod_p5", "cluster.nodes=4", "name=llama"]),
-    ("pcs_p5_2nodes.sbatch", ["cluster=pcs_p5", "cluster.nodes=2", "name=llama"]),
+    ("hyperpod_p5_4nodes.sbatch", ["cluster=hyperpod_p5", "cluster.nodes=4", "name=llama",
+                                   "cluster.cpus_per_task=24"]),
+    ("pcs_p5_2nodes.sbatch", ["cluster=pcs_p5", "cluster.nodes=2", "name=llama",
+                              "cluster.cpus_per_task=24"]),
 ])
 def test_sbatch_matches_golden_file(golden: str, overrides: list[str]) -> None:
     text = _render(*overrides)
@@ -233,3 +236,23 @@ def test_the_environment_megatron_relies_on_is_set_and_a_user_value_wins(
     nvls = "0" if interconnect == "efa" else "unset"  # NVLS is an EFA-cluster setting
     assert run() == f"1 1 {nvls}"
     assert run(CUDA_DEVICE_MAX_CONNECTIONS="8", NCCL_NVLS_ENABLE="1") == "8 1 1"
+
+
+def _sinfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: str) -> None:
+    """sinfo as a node group answers (the real one runs in test_slurm's jobs)."""
+    (tmp_path / "sinfo").write_text(f"#!/bin/sh\nprintf '{answer}'\n")
+    (tmp_path / "sinfo").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+
+def test_cpus_per_task_is_what_slurm_registered_for_the_partition(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _sinfo(tmp_path, monkeypatch, "192\n96\n")  # one node group with hyper-threading off
+    cfg, problems = with_registered_cpus(make_config("cluster=pcs_p5", "cluster.nodes=2"))
+    assert problems == [] and cfg.cluster.cpus_per_task == 12
+    _sinfo(tmp_path, monkeypatch, "")
+    _, problems = with_registered_cpus(make_config("cluster=pcs_p5"))
+    assert problems and problems[0].startswith("cluster.cpus_per_task=0 takes the CPUs Slurm "
+                                               "registered for partition gpu-p5's nodes")
+    fixed = make_config("cluster=pcs_p5", "cluster.cpus_per_task=16")
+    assert with_registered_cpus(fixed) == (fixed, [])
