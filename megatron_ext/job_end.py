@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, exit_code = load(config), int(code)
     claims = alerts.claims_dir(cfg)
     claimed = [p.name for p in claims.iterdir()] if claims.is_dir() else []
-    if failures:
+    if failures and int(failures[0]) > 1:  # kept failing; with max_restarts=0 the first
+        # failure's own alert (or explain's) is the only one
         message = gave_up(int(failures[0]), cfg.cluster.max_restarts, exit_code)
     elif needs_alert(exit_code, claimed):
         message = explain(exit_code)
