@@ -153,7 +153,7 @@ class Checkpointer:
     def maybe_save(self, step: int, consumed_samples: int) -> None:
         """Call after every step on every rank: commits finished writes, saves when due."""
         self._finalize(blocking=False)
-        on_interval = self.cfg.save_interval > 0 and step % self.cfg.save_interval == 0
+        on_interval = self.on_interval(step)
         minutes = self.cfg.interval_minutes
         clock_due = minutes > 0 and time.monotonic() - self._last_save >= minutes * 60
         flags = torch.tensor([int(self._requested), int(clock_due)], device=_device())
@@ -161,6 +161,10 @@ class Checkpointer:
         requested, clock_due = bool(flags[0]), bool(flags[1])
         if on_interval or clock_due or requested:
             self.save(step, consumed_samples, blocking=requested)
+
+    def on_interval(self, step: int) -> bool:
+        """``maybe_save(step)`` saves for ``checkpoint.save_interval``."""
+        return self.cfg.save_interval > 0 and step % self.cfg.save_interval == 0
 
     def save(self, step: int, consumed_samples: int, *, blocking: bool = False) -> None:
         """Start a checkpoint of the state after ``step``; ``blocking`` returns once committed."""

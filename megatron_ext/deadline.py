@@ -4,7 +4,8 @@ Slurm's pre-timeout signal comes a fixed lead before the limit and the ranks loo
 between steps; a step or a save slower than that lead loses everything since the last save.
 So the ranks read the allocation's end once per attempt (rank 0 asks Slurm, everyone gets its
 answer) and, at every step boundary, stop when the next step, the stop save (after the save
-still being written, if any) and ``cluster.time_limit_margin_s`` no longer fit. The times are
+still being written, or started after the next step, if any) and
+``cluster.time_limit_margin_s`` no longer fit. The times are
 the measured ones (the slowest of the recent steps, the last save), the launcher's predictions
 (``cluster.step_time_s`` / ``save_time_s``) until a measurement exists.
 """
@@ -62,12 +63,14 @@ class TimeBudget:
         if save_s is not None:
             self.save_s = save_s
 
-    def exhausted(self, *, save_in_flight: bool) -> bool:
-        """This rank's view of whether to stop now; the ranks agree on it (signals.py)."""
+    def exhausted(self, *, save_pending: bool) -> bool:
+        """This rank's view of whether to stop now; the ranks agree on it (signals.py).
+        ``save_pending``: a save is being written or starts after the next step, and the stop
+        save would wait for it."""
         if self.end is None:
             return False
         return out_of_time(time.time(), self.end, step_s=self.step_s, save_s=self.save_s,
-                           saves=2 if save_in_flight else 1, margin_s=self.margin_s)
+                           saves=2 if save_pending else 1, margin_s=self.margin_s)
 
     def explains(self, received_at: float, lead_s: float) -> bool:
         """A pre-timeout signal received at ``received_at`` (Unix seconds) is the warning of

@@ -51,22 +51,22 @@ class StopSignals:
         if self._received_at is None:
             self._received_at, self._received_wall = time.monotonic(), time.time()
 
-    def _local_flag(self, save_in_flight: bool) -> int:
+    def _local_flag(self, save_pending: bool) -> int:
         received = self._received
         if received == _TIMEOUT and self.budget.explains(self._received_wall or 0.0,
                                                          self._lead_s):
             received = 0  # the budget decides when, with the measured times
-        if received == 0 and self.budget.exhausted(save_in_flight=save_in_flight):
+        if received == 0 and self.budget.exhausted(save_pending=save_pending):
             received = _BUDGET
         return received
 
     def requested(self, device: torch.device | str = "cpu", *, step_s: Optional[float] = None,
-                  save_s: Optional[float] = None, save_in_flight: bool = False) -> bool:
+                  save_s: Optional[float] = None, save_pending: bool = False) -> bool:
         """True on every rank once any rank got a signal or ran out of time (one scalar
         all-reduce per call); ``step_s`` / ``save_s``: the step just done, the last save."""
         if step_s is not None:
             self.budget.observe(step_s, save_s)
-        flag = torch.tensor([self._local_flag(save_in_flight)], dtype=torch.int32, device=device)
+        flag = torch.tensor([self._local_flag(save_pending)], dtype=torch.int32, device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self._agreed = int(flag.item())

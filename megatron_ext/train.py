@@ -187,7 +187,8 @@ class Loop:
         self.report.step(step, result, step_s, consumed, checkpoint_blocking_s=time.monotonic()
                          - save_start, straggler=check)
         if self.stop.requested(device="cuda" if self.use_gpu else "cpu", step_s=step_s,
-                               save_s=run.ckpt.last_save_s, save_in_flight=run.ckpt.saving):
+                               save_s=run.ckpt.last_save_s,  # a stop save waits for these:
+                               save_pending=run.ckpt.saving or run.ckpt.on_interval(step + 1)):
             log.warning("%s: saving step %d, then exiting for requeue", self.stop.reason, step)
             run.ckpt.save(step, consumed, blocking=True)
             # rank 0's S3 copy of it may use the time left before the limit

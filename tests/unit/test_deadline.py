@@ -57,15 +57,15 @@ def test_out_of_time_counts_the_step_the_saves_and_the_margin() -> None:
 
 def test_measured_times_replace_the_predictions() -> None:
     budget = TimeBudget(time.time() + 200, step_s=10, save_s=10, margin_s=60)
-    assert not budget.exhausted(save_in_flight=False)
+    assert not budget.exhausted(save_pending=False)
     budget.observe(150, None)  # slower than predicted: the next step would not fit
-    assert budget.step_s == 150 and budget.exhausted(save_in_flight=False)
+    assert budget.step_s == 150 and budget.exhausted(save_pending=False)
     for _ in range(5):
         budget.observe(5, 20)
     assert budget.step_s == 5 and budget.save_s == 20 and not budget.exhausted(
-        save_in_flight=False)
+        save_pending=False)
     assert TimeBudget(None, step_s=1e9, save_s=1e9, margin_s=0).exhausted(
-        save_in_flight=True) is False  # no limit known: only signals stop
+        save_pending=True) is False  # no limit known: only signals stop
 
 
 def test_the_end_time_comes_from_slurm_or_a_test(monkeypatch) -> None:
@@ -100,3 +100,11 @@ def test_a_signal_the_budget_explains_waits_for_the_last_step_that_fits(handlers
                                                  margin_s=10))
     os.kill(os.getpid(), signal.SIGUSR1)  # long before the limit: preemption or a user
     assert far.requested(step_s=1, save_s=1) and far.reason == "stop signal"
+
+
+@pytest.mark.parametrize("cluster, minutes", [("hyperpod_p4d", 60), ("pcs_p5", 60),
+                                               ("local", 0)])
+def test_gpu_profiles_also_save_every_hour(cluster: str, minutes: float) -> None:
+    assert make_config(f"cluster={cluster}").checkpoint.interval_minutes == minutes
+    assert make_config(f"cluster={cluster}", "checkpoint.interval_minutes=180"
+                       ).checkpoint.interval_minutes == 180  # the command line wins
