@@ -230,7 +230,7 @@ def _failed(err: Exception, cfg: RunConfig, env: RunEnv, alerts: Alerts) -> int:
     batch script requeues), else the error is re-raised and no restart is allowed."""
     what = f"{type(err).__name__}: {err}"
     if transient(err):
-        alerts.send_now(alert_kinds.FAILURE, f"{what} (the job is restarted)", rank=env.rank)
+        alerts.send_now(alert_kinds.FAILURE, f"{what} (a restart may cure it)", rank=env.rank)
         log.exception("exiting %d: a restart may cure this", EXIT_TRANSIENT)
         return EXIT_TRANSIENT
     refuse_restart(cfg.run_dir, what)
