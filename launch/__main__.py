@@ -14,8 +14,9 @@ from hydra.errors import HydraException
 
 from launch.config import (CONF_DIR, compose, explicit_keys, one_line_error, register_schema,
                            to_run_config, validate)
-from launch.prepare import (absolutize, choose_layout, for_sweep_point, prepare_data,
-                            write_run_dir)
+from launch.prepare import (absolutize, choose_layout, data_problems, for_sweep_point,
+                            prepare_data, write_run_dir)
+from launch.planning.time_limit import with_time_limit
 from launch.schema import RunConfig
 
 
@@ -36,6 +37,14 @@ def _preflight(argv: list[str]) -> None:
         _refuse(err)
 
 
+def _exit_on(problems: list[str]) -> None:
+    """Every problem, one line each, then exit 2; nothing when there are none."""
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        sys.exit(2)
+
+
 def _typed(cfg: DictConfig) -> RunConfig:
     try:
         return to_run_config(cfg)
@@ -51,12 +60,10 @@ def main(raw: DictConfig) -> None:
     if hydra_cfg.mode == RunMode.MULTIRUN:  # sweep points must not resume each other's checkpoints
         cfg = for_sweep_point(cfg, hydra_cfg.job.override_dirname or str(hydra_cfg.job.num),
                               sweep=f"{cfg.name}-{Path(hydra_cfg.sweep.dir).name}")
+    _exit_on(validate(cfg))  # before planning: the planner divides by what it checks
     cfg, layout, note = choose_layout(cfg, explicit_keys(hydra_cfg.overrides.task))
-    problems = validate(cfg, layout)
-    if problems:
-        for problem in problems:
-            print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
+    _exit_on(validate(cfg, layout))
+    cfg = with_time_limit(cfg, layout)
     print(f"layout: {layout.describe()}{note}")
     if cfg.launch.dry_run:
         from launch.submit import dry_run_text
@@ -64,9 +71,13 @@ def main(raw: DictConfig) -> None:
         print(dry_run_text(cfg))
         return
     prepare_data(cfg)
-    config_path = write_run_dir(cfg)
-    from launch.submit import follow, submit  # submitit only once there is something to submit
+    # submitit only once there is something to submit
+    from launch.submit import (follow, node_path_problems, shared_fs_problems, submit,
+                               with_registered_cpus)
 
+    cfg, cpu_problems = with_registered_cpus(cfg)
+    _exit_on(cpu_problems + data_problems(cfg) + shared_fs_problems(cfg) + node_path_problems(cfg))
+    config_path = write_run_dir(cfg)
     job = submit(cfg, config_path)
     print(f"submitted job {job.job_id}; run folder {cfg.run_dir}", flush=True)
     if cfg.cluster.kind == "local" and cfg.launch.wait:

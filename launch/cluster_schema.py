@@ -38,6 +38,10 @@ class ClusterConfig:
     gpu_memory_gib: float = 80.0
     """Memory per GPU; the planner budgets with it and the health check expects it."""
     cpus_per_task: int = 1
+    """CPUs of each rank (``--cpus-per-task``); 0 on Slurm: the CPUs Slurm registered for the
+    partition's smallest node, split between its ranks, asked at submit (``sinfo``). A fixed
+    count that is a p5's whole vCPU count is refused where hyper-threading is off or cores are
+    reserved."""
     debug: bool = False
     """Local only: run a single rank in the foreground (submitit DebugExecutor); world size 1."""
     timeout_min: int = 60
@@ -76,7 +80,28 @@ class ClusterConfig:
     """``--requeue``: preemption or node failure puts the job back in the queue, and a rank
     that saved on the pre-timeout signal asks for a requeue; the rerun resumes."""
     signal: str = "USR1@120"
-    """``--signal``: SIGNAL@SECONDS before the time limit, the ranks save and exit to be requeued."""
+    """``--signal``: SIGNAL@SECONDS before the time limit, the ranks save and exit to be requeued.
+    A backstop (for a time limit the ranks could not read, or a preemption that sends it): the
+    ranks watch the limit themselves (megatron_ext/deadline.py). The lead given is a floor; the
+    launcher raises it to two predicted steps plus a save plus a minute."""
+    step_time_s: float = 0.0
+    """Seconds per step the ranks assume until they have measured one, and the signal's lead is
+    derived from; 0: the planner's prediction for ``gpu`` (filled in at submit, kind=slurm)."""
+    save_time_s: float = 0.0
+    """Seconds a checkpoint save takes (blocking part plus write) until one is measured; 0:
+    predicted at submit from the checkpoint's size per node and ``storage_write_gbs``."""
+    storage_write_gbs: float = 1.0
+    """GB/s one node writes checkpoints at, for the save-time prediction only. An assumption, not
+    a measurement: FSx for Lustre gives 125-1000 MB/s per TiB stored, shared by every client;
+    set it for your file system."""
+    time_limit_margin_s: float = 60.0
+    """Seconds kept free at the end of the allocation after the stop save: the batch script's
+    requeue, and Slurm checking time limits only every 30 s."""
+    max_restarts: int = 3
+    """Requeues after failures a retry may cure (a hang, a dead node, a collective timeout) before
+    the job is given up, with an alert; a deterministic failure (NaN stop, a corrupt checkpoint
+    with ``checkpoint.on_corrupt=error``, a rejected config, out of memory) is never requeued.
+    Requeues for the time limit do not count."""
     healthcheck: bool = True
     """Run slurm/healthcheck.sh on every node before training (a no-op without nvidia-smi)."""
 
@@ -88,9 +113,16 @@ class ClusterConfig:
         out = choice_problem("cluster.kind", self.kind, CLUSTER_KINDS)
         out += choice_problem("cluster.interconnect", self.interconnect, INTERCONNECTS)
         out += choice_problem("cluster.gpu", self.gpu, GPU_TYPES)
-        for name in ("nodes", "gpus_per_node", "cpus_per_task", "timeout_min"):
+        for name in ("nodes", "gpus_per_node", "timeout_min"):
             out += positive_problem(f"cluster.{name}", getattr(self, name))
+        if self.cpus_per_task < 0 or (self.kind == "local" and self.cpus_per_task == 0):
+            out.append(f"cluster.cpus_per_task={self.cpus_per_task} must be > 0 (or 0 on Slurm: "
+                       "what Slurm registered for the partition's nodes)")
         out += positive_problem("cluster.gpu_memory_gib", self.gpu_memory_gib)
+        out += positive_problem("cluster.storage_write_gbs", self.storage_write_gbs)
+        out += [f"cluster.{name}={getattr(self, name)} must be >= 0"
+                for name in ("step_time_s", "save_time_s", "time_limit_margin_s", "max_restarts")
+                if getattr(self, name) < 0]
         if self.debug and (self.kind != "local" or self.world_size != 1):
             out.append("cluster.debug=true runs one rank in the foreground: it needs "
                        "cluster.kind=local and cluster.gpus_per_node=1")

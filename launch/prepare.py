@@ -85,6 +85,18 @@ def prepare_data(cfg: RunConfig) -> None:
                              f"{shlex.join(command)}")
 
 
+def data_problems(cfg: RunConfig) -> list[str]:
+    """Each indexed source's ``.bin`` and ``.idx`` must exist (seen from the login node, before
+    anything is queued: the ranks would only fail on them after the job started)."""
+    if cfg.data.kind != "indexed":
+        return []
+    return [f"data.sources[{i}].path={source.path}: {source.path}{ext} does not exist (a "
+            "megatron indexed dataset is <prefix>.bin and <prefix>.idx; build it with "
+            "python -m tools.prepare_data)"
+            for i, source in enumerate(cfg.data.sources) for ext in (".bin", ".idx")
+            if not Path(source.path + ext).exists()]
+
+
 def write_run_dir(cfg: RunConfig) -> Path:
     """The self-describing run folder: the exact config every rank will read."""
     run_dir = Path(cfg.run_dir)

@@ -19,7 +19,8 @@ from typing import Any
 
 from submitit.slurm.slurm import _make_sbatch_string
 
-from launch.schema import ALERTS_SENT, REQUEUE_REQUEST, RUN_CONFIG, ClusterConfig, RunConfig
+from launch.schema import (ALERTS_SENT, FAILURES, NO_RESTART, REQUEUE_REQUEST, RUN_CONFIG,
+                           ClusterConfig, RunConfig)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,8 +42,9 @@ def _setup_lines(c: ClusterConfig, repo: Path) -> list[str]:
         "# secrets such as WANDB_API_KEY and SLACK_WEBHOOK_URL are read there, never written here.",
         'echo "job ${SLURM_JOB_ID} on ${SLURM_JOB_NODELIST}, restart ${SLURM_RESTART_COUNT:-0}"',
     ]
-    if c.interconnect != "none":
-        lines.append("source " + shlex.quote(str(repo / "slurm" / "env" / f"{c.interconnect}.sh")))
+    env_files = ["megatron"] + ([c.interconnect] if c.interconnect != "none" else [])
+    lines += ["source " + shlex.quote(str(repo / "slurm" / "env" / f"{name}.sh"))
+              for name in env_files]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in sorted(c.env.items())]
     if c.healthcheck:
         check = ["srun", f"--ntasks={c.nodes}", "--ntasks-per-node=1", "bash",
@@ -57,20 +59,45 @@ def _requeue_request(cfg: RunConfig) -> str:
     return shlex.quote(str(Path(cfg.run_dir) / REQUEUE_REQUEST))
 
 
+def _restart_lines(cfg: RunConfig) -> list[str]:
+    """A failed attempt is requeued unless a rank recorded that a rerun would fail the same way
+    (``NO_RESTART``), at most ``cluster.max_restarts`` times (counted in ``FAILURES``).
+
+    Any other failure counts as one a restart may cure: a rank exits ``EXIT_TRANSIENT`` for a
+    hang or a lost peer, and a rank killed by a signal (a node failure) can leave nothing. srun's
+    status cannot tell them apart: it reports the peers it terminated (143), not the first exit.
+    """
+    run_dir = Path(cfg.run_dir)
+    no_restart, failures = (shlex.quote(str(run_dir / name)) for name in (NO_RESTART, FAILURES))
+    limit = cfg.cluster.max_restarts
+    return [
+        'gave_up=""',
+        f'if [ "$rc" -ne 0 ] && [ -e {no_restart} ]; then',
+        f'  echo "exit $rc: not requeued, a rerun would fail the same way: $(cat {no_restart})" >&2',
+        'elif [ "$rc" -ne 0 ]; then',
+        f'  failures=$(( $(cat {failures} 2>/dev/null || echo 0) + 1 )); echo "$failures" > {failures}',
+        f'  if [ "$failures" -le {limit} ]; then',
+        f'    echo "exit $rc: restart $failures of cluster.max_restarts={limit}" >&2; touch {_requeue_request(cfg)}',
+        f'  else gave_up="$failures"; echo "exit $rc: failed $failures times, not requeued (cluster.max_restarts={limit})" >&2; fi',
+        'fi',
+    ]
+
+
 def _teardown_lines(cfg: RunConfig, python: str) -> list[str]:
-    """After srun: a job whose ranks saved on the pre-timeout signal asks Slurm to run it again.
+    """After srun: requeue a job whose ranks saved for the time limit, or that failed in a way a
+    restart may cure (``_restart_lines``).
 
     The batch shell (on the host) requeues rather than a rank, because inside a container
     ``scontrol`` is not available; rank 0 asks by creating ``REQUEUE_REQUEST`` in the run folder.
-    A step that failed without any rank saying why (a rank killed by the OOM killer) gets the
-    alert of ``megatron_ext.job_end``, where the host can run the ranks' Python (not from a
-    container image alone).
+    A step that failed without any rank saying why (a rank killed by the OOM killer), or a job
+    given up after ``cluster.max_restarts``, gets the alert of ``megatron_ext.job_end``, where the
+    host can run the ranks' Python (not from a container image alone).
     """
-    lines = ["rc=$?"]
+    lines = ["rc=$?"] + (_restart_lines(cfg) if cfg.cluster.requeue else ['gave_up=""'])
     if cfg.cluster.venv or not cfg.cluster.container_image:  # the host has the ranks' Python
         job_end = shlex.join([rank_python(cfg.cluster, python), "-m", "megatron_ext.job_end",
                               str(Path(cfg.run_dir) / RUN_CONFIG)])
-        lines.append(f'if [ "$rc" -ne 0 ]; then {job_end} "$rc" || true; fi')
+        lines.append(f'if [ "$rc" -ne 0 ]; then {job_end} "$rc" $gave_up || true; fi')
     if cfg.cluster.requeue:
         request = _requeue_request(cfg)
         lines.append(f'if [ -e {request} ]; then rm -f {request}; scontrol requeue "$SLURM_JOB_ID"; fi')
@@ -80,7 +107,9 @@ def _teardown_lines(cfg: RunConfig, python: str) -> list[str]:
 def _srun_args(c: ClusterConfig) -> list[str]:
     # One rank that dies or exits non-zero ends the step: its peers would otherwise sit in a
     # collective until the timeout, and a frozen rank would hold the job to its time limit.
-    args: list[str] = ["--kill-on-bad-exit=1"]
+    # No CPU binding: srun's default binds each task to cores without regard to which socket
+    # its GPU hangs off; AWS's nccl-tests on p4d/p5 run with --cpu-bind=none.
+    args: list[str] = ["--kill-on-bad-exit=1", "--cpu-bind=none"]
     if c.auto_resume:
         args.append("--auto-resume=1")
     if c.container_image:
@@ -95,20 +124,27 @@ def slurm_params(cfg: RunConfig, python: str, repo: Path = REPO) -> dict[str, An
     c = cfg.cluster
     params: dict[str, Any] = {
         "job_name": cfg.name, "nodes": c.nodes, "ntasks_per_node": c.gpus_per_node,
-        "cpus_per_task": c.cpus_per_task, "time": c.timeout_min, "wckey": None,
+        "time": c.timeout_min, "wckey": None,
         "setup": _setup_lines(c, repo) + [
-            f"rm -rf {_requeue_request(cfg)} {shlex.quote(str(Path(cfg.run_dir) / ALERTS_SENT))}"],
+            "rm -rf " + " ".join(shlex.quote(str(Path(cfg.run_dir) / name))
+                                 for name in (REQUEUE_REQUEST, ALERTS_SENT, NO_RESTART))],
         "teardown": _teardown_lines(cfg, python),
         "srun_args": _srun_args(c),
         # submitit's own --signal (USR2@90) is for its pickled wrapper, which is not used here.
         "additional_parameters": {"signal": c.signal,
-                                  "requeue" if c.requeue else "no-requeue": True},
+                                  "requeue" if c.requeue else "no-requeue": True,
+                                  # the script starts once every node booted (cloud nodes
+                                  # power up on demand), not when the first one did
+                                  "wait_all_nodes": 1},
     }
+    if c.cpus_per_task:  # 0: not known yet (a dry run where sinfo could not answer)
+        params["cpus_per_task"] = c.cpus_per_task
     for key in ("partition", "account", "qos"):
         if getattr(c, key):
             params[key] = getattr(c, key)
-    if c.exclusive:
+    if c.exclusive:  # the whole node, its memory too (as AWS's NeMo sample asks)
         params["exclusive"] = True
+        params["mem"] = "0"
     if c.gpus_per_node_directive:
         params["gpus_per_node"] = c.gpus_per_node
     return params

@@ -7,6 +7,7 @@ list; on Slurm, launch/sbatch.py renders (and quotes) the script around it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
 import signal
@@ -14,13 +15,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import psutil
 import submitit
 
 from launch import sbatch
 from launch.config import ConfigError, to_yaml
+from launch.planning import time_limit
 from launch.schema import RUN_CONFIG, RunConfig
 
 
@@ -55,13 +57,70 @@ def shared_fs_problems(cfg: RunConfig) -> list[str]:
             for key, path in paths.items() if path and not Path(path).is_relative_to(shared)]
 
 
+def node_path_problems(cfg: RunConfig, repo: Path = sbatch.REPO) -> list[str]:
+    """What every node runs must exist, and be on ``cluster.shared_dir`` when it is set: the
+    repo checkout (the batch script sources slurm/ from it, the ranks import it), the venv,
+    and a container image given as a file (not a registry reference such as ``nvcr.io#...``)."""
+    c = cfg.cluster
+    if c.kind != "slurm":
+        return []
+    paths = {"the repo checkout": str(repo)}
+    out = []
+    if c.venv:
+        paths["cluster.venv"] = c.venv
+        if not (Path(c.venv) / "bin" / "python").exists():
+            out.append(f"cluster.venv={c.venv} has no bin/python here; create the venv on the "
+                       "shared filesystem (python -m venv) or leave cluster.venv empty")
+    if c.container_image.startswith("/"):
+        paths["cluster.container_image"] = c.container_image
+        if not Path(c.container_image).is_file():
+            out.append(f"cluster.container_image={c.container_image} does not exist; import it "
+                       "first (enroot import -o <file>.sqsh dockerd://<image>)")
+    if c.shared_dir:
+        out += [f"{key}={path} is not under cluster.shared_dir={c.shared_dir}; the compute "
+                "nodes cannot read it" for key, path in paths.items()
+                if not Path(path).is_relative_to(c.shared_dir)]
+    return out
+
+
+def registered_cpus(partition: str) -> Optional[int]:
+    """CPUs Slurm registered for the smallest node of ``partition`` (the default: every node);
+    None when ``sinfo`` is missing or reports none."""
+    command = ["sinfo", "-h", "-N", "-o", "%c"] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    counts = [int(word) for word in out.stdout.split() if word.isdigit()]
+    return min(counts) if counts else None
+
+
+def with_registered_cpus(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
+    """``cluster.cpus_per_task=0`` on Slurm: each rank's share of ``registered_cpus``, or the
+    problem saying it could not be asked. A request above what Slurm registered is refused by
+    sbatch, so it is never guessed."""
+    c = cfg.cluster
+    if c.kind != "slurm" or c.cpus_per_task:
+        return cfg, []
+    cpus = registered_cpus(c.partition)
+    where = f"partition {c.partition}" if c.partition else "the default partition"
+    if cpus is None or cpus < c.gpus_per_node:
+        return cfg, [f"cluster.cpus_per_task=0 takes the CPUs Slurm registered for {where}'s "
+                     f"nodes, but sinfo reported {cpus}; set cluster.cpus_per_task (at most the "
+                     f"node's CPUs / cluster.gpus_per_node={c.gpus_per_node})"]
+    return dataclasses.replace(cfg, cluster=dataclasses.replace(
+        c, cpus_per_task=cpus // c.gpus_per_node)), []
+
+
 def dry_run_text(cfg: RunConfig, python: str = sys.executable) -> str:
     """The resolved config and, on Slurm, the sbatch script a real launch would submit."""
+    cfg, cpu_problems = with_registered_cpus(cfg)
     text = to_yaml(cfg)
     if cfg.cluster.kind == "slurm":
         script = sbatch.render(cfg, Path(cfg.run_dir) / RUN_CONFIG, slurm_folder(cfg), python)
-        warnings = "".join(f"warning: {p}\n" for p in shared_fs_problems(cfg))
-        text += f"\n{warnings}# ---- sbatch script ----\n{script}"
+        warnings = "".join(f"warning: {p}\n" for p in cpu_problems + shared_fs_problems(cfg)
+                           + node_path_problems(cfg))
+        text += f"\n{time_limit.describe(cfg)}\n{warnings}# ---- sbatch script ----\n{script}"
     return text
 
 
@@ -83,7 +142,8 @@ def _submit_slurm(cfg: RunConfig, config_path: Path) -> submitit.Job:
     wrapper, which would swallow the pre-timeout signal; so the Job has no result pickle: read
     state with squeue/scontrol and results from the run folder.
     """
-    problems = shared_fs_problems(cfg) + sbatch.header_problems(cfg, slurm_folder(cfg))
+    problems = (shared_fs_problems(cfg) + node_path_problems(cfg)
+                + sbatch.header_problems(cfg, slurm_folder(cfg)))
     if problems:
         raise ConfigError(problems)
     slurm_folder(cfg).parent.mkdir(parents=True, exist_ok=True)  # where submitit stages the script

@@ -108,6 +108,9 @@ class Checkpointer:
         self._in_flight: int | None = None
         self._requested = False
         self._last_save = time.monotonic()
+        self.last_save_s: float | None = None
+        """Seconds from the start of the last save to its commit (noticed at a step boundary,
+        so up to a step more than the write): the time budget's save time (deadline.py)."""
         self._replica = S3Replicator.from_config(cfg, rank=self.rank, on_failure=on_failure)
         warm_up_writer()
 
@@ -146,7 +149,7 @@ class Checkpointer:
     def maybe_save(self, step: int, consumed_samples: int) -> None:
         """Call after every step on every rank: commits finished writes, saves when due."""
         self._finalize(blocking=False)
-        on_interval = self.cfg.save_interval > 0 and step % self.cfg.save_interval == 0
+        on_interval = self.on_interval(step)
         minutes = self.cfg.interval_minutes
         clock_due = minutes > 0 and time.monotonic() - self._last_save >= minutes * 60
         flags = torch.tensor([int(self._requested), int(clock_due)], device=_device())
@@ -154,6 +157,10 @@ class Checkpointer:
         requested, clock_due = bool(flags[0]), bool(flags[1])
         if on_interval or clock_due or requested:
             self.save(step, consumed_samples, blocking=requested)
+
+    def on_interval(self, step: int) -> bool:
+        """``maybe_save(step)`` saves for ``checkpoint.save_interval``."""
+        return self.cfg.save_interval > 0 and step % self.cfg.save_interval == 0
 
     def save(self, step: int, consumed_samples: int, *, blocking: bool = False) -> None:
         """Start a checkpoint of the state after ``step``; ``blocking`` returns once committed."""
@@ -208,6 +215,12 @@ class Checkpointer:
             log.info("checkpoint %s committed", self.root / commit.step_dir(step))
         dist.barrier()  # nobody sees the step as saved before it is visible
         self.last_committed_step, self._in_flight = step, None
+        self.last_save_s = time.monotonic() - self._last_save
+
+    @property
+    def saving(self) -> bool:
+        """A save is being written: a stop save would wait for it first."""
+        return self._in_flight is not None
 
     def close(self, step: int, consumed_samples: int, *,
               s3_timeout_s: float | None = None) -> None:

@@ -5,12 +5,17 @@ Slurm, submitit's local executor and torchrun each describe a rank differently;
 """
 from __future__ import annotations
 
+import datetime
+import logging
 import os
 import random
 import socket
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
+
+log = logging.getLogger("megatron_ext.env")
 
 # Ports submitit also draws from when it derives a port from the job id.
 _PORT_RANGE = (20000, 60000)
@@ -63,3 +68,25 @@ def slurm_ids(environ: Mapping[str, str]) -> dict[str, Optional[str]]:
     array, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
     job = f"{array}_{task}" if array and task else environ.get("SLURM_JOB_ID")
     return {"slurm_job": job, "slurm_array_job": array}
+
+
+def job_end_time(environ: Mapping[str, str] = os.environ) -> Optional[float]:
+    """When this allocation ends (Unix seconds), or None: not on Slurm, or no limit known.
+
+    ``SLURM_JOB_END_TIME`` where Slurm (23.02+) or a test sets it; Slurm 22.05 sets none, so
+    the job's record is asked (``squeue -o %e``: local time, ISO 8601). One call per rank 0 and
+    job attempt: a requeued job has a new end time.
+    """
+    if environ.get("SLURM_JOB_END_TIME"):
+        return float(environ["SLURM_JOB_END_TIME"])
+    job = environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.strip()
+        return datetime.datetime.fromisoformat(out).timestamp()
+    except (OSError, subprocess.SubprocessError, ValueError) as err:  # N/A, Unknown, no squeue
+        log.warning("time limit unknown (squeue -j %s: %s); only the signal will stop the job",
+                    job, err)
+        return None

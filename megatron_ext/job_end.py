@@ -4,8 +4,10 @@ A rank killed by a signal (the kernel's OOM killer, a node failure, SIGKILL) run
 and alerts nothing; ``srun --kill-on-bad-exit`` (and the local launcher) then kill its peers,
 often before they reach their own failure alert. The batch script (after ``srun``) and the
 local launcher (after a rank ends) run ``python -m megatron_ext.job_end <config.yaml>
-<exit code>``: it posts one failure alert unless a rank already claimed one that says why the
-attempt ended (``alerts.ONCE_PER_JOB`` in ``run_dir/alerts-sent/``).
+<exit code> [<failures>]``: it posts one failure alert unless a rank already claimed one that
+says why the attempt ended (``alerts.ONCE_PER_JOB`` in ``run_dir/alerts-sent/``); with
+``<failures>``, the batch script gave the job up after that many failed attempts
+(``cluster.max_restarts``), which is always said.
 """
 from __future__ import annotations
 
@@ -32,14 +34,25 @@ def explain(exit_code: int) -> str:
             "killer), a node failure, or a signal; the rank logs say which")
 
 
+def gave_up(failures: int, max_restarts: int, exit_code: int) -> str:
+    return (f"the job failed {failures} times (last exit code {exit_code}) and is not requeued "
+            f"again (cluster.max_restarts={max_restarts}); the rank logs of each attempt say why")
+
+
 def main(argv: list[str] | None = None) -> int:
-    config, code = argv if argv is not None else sys.argv[1:]
+    config, code, *failures = argv if argv is not None else sys.argv[1:]
     cfg, exit_code = load(config), int(code)
     claims = alerts.claims_dir(cfg)
     claimed = [p.name for p in claims.iterdir()] if claims.is_dir() else []
-    if needs_alert(exit_code, claimed):
-        alerts.Alerts.from_config(cfg, rank=alerts.LAUNCHER).send_now(
-            alerts.FAILURE, explain(exit_code), rank=alerts.LAUNCHER)
+    if failures and int(failures[0]) > 1:  # kept failing; with max_restarts=0 the first
+        # failure's own alert (or explain's) is the only one
+        message = gave_up(int(failures[0]), cfg.cluster.max_restarts, exit_code)
+    elif needs_alert(exit_code, claimed):
+        message = explain(exit_code)
+    else:
+        return 0
+    alerts.Alerts.from_config(cfg, rank=alerts.LAUNCHER).send_now(alerts.FAILURE, message,
+                                                                   rank=alerts.LAUNCHER)
     return 0
 
 

@@ -19,14 +19,16 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from launch.config import derive_layout, load, to_yaml
-from launch.schema import REQUEUE_REQUEST, Layout, RunConfig, TrainConfig
+from launch.schema import EXIT_TRANSIENT, REQUEUE_REQUEST, Layout, RunConfig, TrainConfig
 from megatron_ext import alerts as alert_kinds
 from megatron_ext import parallel
 from megatron_ext.alerts import Alerts
 from megatron_ext.checkpoint import Checkpointer
 from megatron_ext.cpu import cpu_mode
+from megatron_ext.deadline import TimeBudget
 from megatron_ext.data import BatchPlan, build_train_dataset, microbatches
 from megatron_ext.env import RunEnv
+from megatron_ext.exits import refuse_restart, transient
 from megatron_ext.init_from import has_checkpoint, load_pretrained
 from megatron_ext.model import build_model, init_layout_independent
 from megatron_ext.optim import build_optimizer, wrap_ddp
@@ -165,9 +167,11 @@ class Loop:
         straggler = StragglerDetector.from_config(
             cfg, group=None, rank=env.rank, hostname=env.hostname,
             role=pipeline_position(parallel.pp_rank(), layout.pp))
+        budget = TimeBudget.agreed(cfg.cluster, rank=env.rank,
+                                   device="cuda" if use_gpu else "cpu")
         return cls(cfg, env, run, alerts, report, watchdog, straggler,
-                   SpikeDetector.from_config(cfg, rank=env.rank), StopSignals(cfg.cluster.signal),
-                   use_gpu)
+                   SpikeDetector.from_config(cfg, rank=env.rank),
+                   StopSignals(cfg.cluster.signal, budget), use_gpu)
 
     def step(self, step: int, consumed: int) -> int:
         """Run ``step`` and what follows it; the samples consumed after it."""
@@ -191,8 +195,10 @@ class Loop:
         run.ckpt.maybe_save(step, consumed)
         self.report.step(step, result, step_s, consumed, checkpoint_blocking_s=time.monotonic()
                          - save_start, straggler=check)
-        if self.stop.requested(device="cuda" if self.use_gpu else "cpu"):
-            log.warning("stop signal: saving step %d, then exiting for requeue", step)
+        if self.stop.requested(device="cuda" if self.use_gpu else "cpu", step_s=step_s,
+                               save_s=run.ckpt.last_save_s,  # a stop save waits for these:
+                               save_pending=run.ckpt.saving or run.ckpt.on_interval(step + 1)):
+            log.warning("%s: saving step %d, then exiting for requeue", self.stop.reason, step)
             run.ckpt.save(step, consumed, blocking=True)
             # rank 0's S3 copy of it may use the time left before the limit
             run.ckpt.close(step, consumed, s3_timeout_s=self.stop.seconds_left())
@@ -233,6 +239,20 @@ def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Al
     log.info("finished %d steps", t.steps)
 
 
+def _failed(err: Exception, cfg: RunConfig, env: RunEnv, alerts: Alerts) -> int:
+    """The exit of a rank that failed: ``EXIT_TRANSIENT`` when a restart may cure it (the
+    batch script requeues), else the error is re-raised and no restart is allowed."""
+    what = f"{type(err).__name__}: {err}"
+    if transient(err):
+        alerts.send_now(alert_kinds.FAILURE, f"{what} (a restart may cure it)", rank=env.rank)
+        log.exception("exiting %d: a restart may cure this", EXIT_TRANSIENT)
+        return EXIT_TRANSIENT
+    refuse_restart(cfg.run_dir, what)
+    alerts.send_now(alert_kinds.FAILURE, f"{what} (not restarted: a rerun would fail the same "
+                    "way)", rank=env.rank)
+    raise err
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -243,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(env.rank)
     use_gpu = torch.cuda.is_available()
     if not use_gpu and cfg.train.recompute != "none":
-        log.error("train.recompute=%s needs GPU ranks: megatron-core's recomputation creates "
-                  "CUDA tensors in backward; use train.recompute=none on CPU", cfg.train.recompute)
+        why = (f"train.recompute={cfg.train.recompute} needs GPU ranks: megatron-core's "
+               "recomputation creates CUDA tensors in backward; use train.recompute=none on CPU")
+        log.error("%s", why)
+        refuse_restart(cfg.run_dir, why)
         return 2
     if use_gpu:
         record_collectives()  # before the NCCL group exists, for the watchdog's hang dump
@@ -256,10 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg, env, derive_layout(cfg), use_gpu, alerts)
         except NonFiniteLoss as err:  # alerted already; a traceback would add nothing
             log.error("%s", err)
+            refuse_restart(cfg.run_dir, str(err))
             return 1
         except Exception as err:  # the alert names the rank and the error, then the rank dies
-            alerts.send_now(alert_kinds.FAILURE, f"{type(err).__name__}: {err}", rank=env.rank)
-            raise
+            return _failed(err, cfg, env, alerts)
         finally:
             alerts.close()
             parallel.shutdown()

@@ -16,11 +16,11 @@ from pathlib import Path
 from collections.abc import MutableMapping
 from typing import Callable, Optional, Union
 
-from launch.schema import RunConfig
+from launch.schema import EXIT_TRANSIENT, RunConfig
 from launch.watch_schema import WatchdogConfig
 
 
-EXIT_CODE_HANG = 75
+EXIT_CODE_HANG = EXIT_TRANSIENT
 """Exit status of a rank the watchdog ended (EX_TEMPFAIL: a retry may succeed)."""
 
 _CALLBACK_TIMEOUT_S = 30.0  # on_hang (an alert) may not delay the exit longer than this

@@ -13,5 +13,8 @@ export FI_EFA_USE_HUGE_PAGE=${FI_EFA_USE_HUGE_PAGE:-0}
 export FI_EFA_FORK_SAFE=${FI_EFA_FORK_SAFE:-1}
 # NCCL's bootstrap/socket traffic on the ENA interface ("en" matches p4d and p5 names).
 export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-en}
+# NVLink SHARP (NVLS) off, as AWS's Megatron samples on EFA clusters set it
+# (3.test_cases/megatron/megatron-lm/slurm/): NCCL's NVLS buffers cost GPU memory per communicator.
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 # Left at NCCL's defaults on purpose: NCCL_PROTO (simple only for aws-ofi-nccl <= 1.5),
 # NCCL_BUFFSIZE, NCCL_MIN_NCHANNELS.

@@ -7,14 +7,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_launch
+from tests.conftest import REPO, run_launch
 from tests.integration.conftest import SLURM_CPU
 from tests.slack_receiver import Receiver
 
@@ -145,6 +147,7 @@ def test_a_frozen_rank_ends_the_job_once_the_watchdog_fires(slurm: Path, workdir
     receiver = Receiver()
     try:
         job_id, run_dir = launch(workdir, "name=slurm-frozen", "train.steps=300",
+                                 "cluster.max_restarts=0",  # restarts: test_a_hanging_job_...
                                  "resilience.watchdog.timeout_s=10",
                                  "resilience.collective_timeout_s=600",
                                  "logging.slack.enabled=true",
@@ -167,3 +170,79 @@ def _freeze_a_rank_and_wait(job_id: str, run_dir: Path) -> None:
     info = wait_for(job_id, timeout=120)
     assert info["JobState"] == "FAILED" and time.monotonic() - frozen < 10 + 30, info
     assert len(metrics(run_dir)) < 300
+
+
+def _faulty_venv(tmp_path: Path, *fault: str) -> Path:
+    """A ``cluster.venv`` whose python runs the ranks through faulty_rank.py with ``fault``
+    (a slow or a hung rank: what a real GPU job does here only by chance); the batch script's
+    other commands (job_end) run unchanged."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    faulty = REPO / "tests" / "integration" / "faulty_rank.py"
+    python = venv / "bin" / "python"
+    python.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1 $2" = "-m megatron_ext.train" ]; then exec {sys.executable} {faulty} "$3" '
+        f"{shlex.join(fault)}; fi\n"
+        f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    return venv
+
+
+def test_the_ranks_save_and_requeue_before_the_time_limit(slurm: Path, workdir: Path,
+                                                          tmp_path: Path) -> None:
+    """Steps of 10 s, a 3-minute limit: the ranks stop when the next step, a save and the
+    margin no longer fit, save, and the job is requeued; every step runs exactly once and no
+    attempt reaches its limit. A fixed 120 s lead on this limit stops every attempt after a
+    step or two (and a USR1 that beats the ranks' handler kills them)."""
+    steps = 14
+    job_id, run_dir = launch(workdir, "name=slurm-limit", f"train.steps={steps}",
+                             "train.warmup_steps=1", "train.global_batch_size=2",
+                             "train.micro_batch_size=1", "checkpoint.save_interval=1000",
+                             "cluster.timeout_min=3", "cluster.time_limit_margin_s=20",
+                             f"cluster.venv={_faulty_venv(tmp_path, 'slow', '1', '10')}")
+    info = wait_for(job_id, timeout=600)
+    log = (run_dir / "logs" / job_id / f"{job_id}_0_log.out").read_text()
+    assert info["JobState"] == "COMPLETED", log
+    restarts = int(info["Restarts"])
+    assert 1 <= restarts <= 2 and log.count("time limit near: saving step") == restarts, log
+    assert [row["step"] for row in metrics(run_dir)] == list(range(1, steps + 1)), log
+
+
+def test_a_nan_stop_is_not_requeued(slurm: Path, workdir: Path, tmp_path: Path) -> None:
+    """A rerun would meet the same NaN at the same step: the job fails once, not forever."""
+    job_id, run_dir = launch(workdir, "name=slurm-nan", "train.steps=20", "train.warmup_steps=1",
+                             "train.global_batch_size=2", "train.micro_batch_size=1",
+                             "cluster.cpus_per_task=0",  # from sinfo: this node's 2 CPUs / 2
+                             f"cluster.venv={_faulty_venv(tmp_path, 'nan', '1', '3')}")
+    script = (run_dir / "logs" / job_id / f"{job_id}_submission.sh").read_text()
+    assert "#SBATCH --cpus-per-task=1\n" in script
+    info = wait_for(job_id)
+    err = (run_dir / "logs" / job_id / f"{job_id}_0_log.err").read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", err[-3000:]
+    assert "not requeued, a rerun would fail the same way: loss nan at step 3" in err
+    assert [row["step"] for row in metrics(run_dir)] == [1, 2]
+
+
+def test_a_hanging_job_is_requeued_at_most_max_restarts_times(slurm: Path, workdir: Path,
+                                                             tmp_path: Path) -> None:
+    """Every attempt hangs in its first step (a rank stuck for 10 minutes): the watchdog ends
+    it, the batch script requeues it once (``cluster.max_restarts=1``), then gives up with an
+    alert saying so."""
+    receiver = Receiver()
+    try:
+        job_id, run_dir = launch(workdir, "name=slurm-hang", "train.steps=20",
+                                 "train.warmup_steps=1",
+                                 "cluster.max_restarts=1",
+                                 "resilience.watchdog.first_step_timeout_s=20",
+                                 "logging.slack.enabled=true",
+                                 f"cluster.venv={_faulty_venv(tmp_path, 'slow', '1', '600')}",
+                                 env={"SLACK_WEBHOOK_URL": receiver.url})
+        info = wait_for(job_id, timeout=400)
+    finally:
+        receiver.close()
+    err = (run_dir / "logs" / job_id / f"{job_id}_0_log.err").read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1", err[-3000:]
+    assert "restart 1 of cluster.max_restarts=1" in err
+    assert "failed 2 times, not requeued (cluster.max_restarts=1)" in err
+    assert len([p for p in receiver.posts if "is not requeued again" in p]) == 1, receiver.posts

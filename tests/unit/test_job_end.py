@@ -32,3 +32,20 @@ def test_the_launcher_posts_once_and_never_after_a_rank_did(tmp_path, monkeypatc
         assert "failed (launcher on" in receiver.posts[0] and "SIGKILL" in receiver.posts[0]
     finally:
         receiver.close()
+
+
+def test_a_job_given_up_after_max_restarts_says_so_once_even_after_a_rank_alerted(
+        tmp_path, monkeypatch):
+    receiver = Receiver()
+    try:
+        monkeypatch.setenv(alerts.URL_ENV, receiver.url)
+        config = write_run_dir(make_config("logging.slack.enabled=true", "cluster.max_restarts=2",
+                                           run_dir=str(tmp_path)))
+        (alerts.claims_dir(make_config(run_dir=str(tmp_path))) / alerts.HANG).mkdir(parents=True)
+        assert job_end.main([str(config), "75"]) == 0  # the hang alert said why: nothing more
+        assert job_end.main([str(config), "75", "3"]) == 0
+        assert len(receiver.posts) == 1 and ("the job failed 3 times (last exit code 75) and is "
+                                             "not requeued again (cluster.max_restarts=2)"
+                                             in receiver.posts[0])
+    finally:
+        receiver.close()

@@ -16,8 +16,8 @@ import pytest
 
 from launch import sbatch
 from launch.config import with_values
-from launch.submit import dry_run_text, executor_params, shared_fs_problems
-from launch.schema import ALERTS_SENT, REQUEUE_REQUEST
+from launch.submit import dry_run_text, executor_params, shared_fs_problems, with_registered_cpus
+from launch.schema import ALERTS_SENT, FAILURES, NO_RESTART, REQUEUE_REQUEST
 from megatron_ext.signals import StopSignals
 from tests.conftest import REPO, make_config
 
@@ -34,9 +34,12 @@ def _render(*overrides: str, run: Path = RUN, repo: Path = FIXED_REPO,
     return sbatch.render(cfg, run / "config.yaml", run / "logs" / "%j", "/usr/bin/python3", repo)
 
 
+# cluster.cpus_per_task as the launcher resolves it where sinfo reports p5's 192 vCPUs
 @pytest.mark.parametrize("golden, overrides", [
-    ("hyperpod_p5_4nodes.sbatch", ["cluster=hyperpod_p5", "cluster.nodes=4", "name=llama"]),
-    ("pcs_p5_2nodes.sbatch", ["cluster=pcs_p5", "cluster.nodes=2", "name=llama"]),
+    ("hyperpod_p5_4nodes.sbatch", ["cluster=hyperpod_p5", "cluster.nodes=4", "name=llama",
+                                   "cluster.cpus_per_task=24"]),
+    ("pcs_p5_2nodes.sbatch", ["cluster=pcs_p5", "cluster.nodes=2", "name=llama",
+                              "cluster.cpus_per_task=24"]),
 ])
 def test_sbatch_matches_golden_file(golden: str, overrides: list[str]) -> None:
     text = _render(*overrides)
@@ -128,11 +131,49 @@ def test_the_script_requeues_when_rank_0_asks() -> None:
     text = _render("cluster=pcs_p5")
     request = f"/fsx/runs/llama/launches/2025-01-01_00-00-00/{REQUEUE_REQUEST}"
     claims = f"/fsx/runs/llama/launches/2025-01-01_00-00-00/{ALERTS_SENT}"
-    # a stale request, and the alert claims of the previous attempt, go before srun
-    assert f"rm -rf {request} {claims}\n" in text.split("# command")[0]
+    no_restart = f"/fsx/runs/llama/launches/2025-01-01_00-00-00/{NO_RESTART}"
+    # a stale request, the alert claims and the no-restart verdict of the previous attempt go
+    assert f"rm -rf {request} {claims} {no_restart}\n" in text.split("# command")[0]
     assert (f'if [ -e {request} ]; then rm -f {request}; scontrol requeue "$SLURM_JOB_ID"; fi'
             in text)
     assert "scontrol requeue" not in _render("cluster=pcs_p5", "cluster.requeue=false")
+
+
+def _teardown(tmp_path: Path, rc: int, *overrides: str) -> tuple[str, str]:
+    """The batch script's teardown after a srun that returned ``rc``; what it asked of
+    ``scontrol`` (a stand-in on PATH: the real one is exercised in test_slurm) and its stderr."""
+    run = tmp_path / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    text = _render("cluster=pcs_p5", "cluster.max_restarts=2", *overrides, run=run)
+    (tmp_path / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/asked\n')
+    (tmp_path / "scontrol").chmod(0o755)
+    teardown = text.split("# teardown\n")[1].replace(
+        "/fsx/venvs/slurm-llm/bin/python -m megatron_ext.job_end", "true")
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "7"}
+    out = subprocess.run(["bash", "-c", f"(exit {rc}); {teardown}"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == rc
+    asked = tmp_path / "asked"
+    return (asked.read_text() if asked.exists() else ""), out.stderr
+
+
+def test_failures_a_restart_may_cure_are_requeued_at_most_max_restarts_times(
+        tmp_path: Path) -> None:
+    for attempt in (1, 2):
+        asked, err = _teardown(tmp_path, 75)
+        assert asked.count("requeue 7") == attempt and f"restart {attempt} of" in err
+    asked, err = _teardown(tmp_path, 143)  # srun's status after it terminated the peers
+    assert asked.count("requeue 7") == 2 and "failed 3 times, not requeued" in err
+    assert (tmp_path / "run" / FAILURES).read_text() == "3\n"
+
+
+def test_a_failure_that_would_repeat_is_never_requeued(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / NO_RESTART).write_text("loss nan at step 3\n")
+    asked, err = _teardown(tmp_path, 1)
+    assert asked == "" and "a rerun would fail the same way: loss nan at step 3" in err
+    assert _teardown(tmp_path, 0)[0] == ""  # a finished job is left alone
+    assert _teardown(tmp_path / "off", 75, "cluster.requeue=false")[0] == ""
 
 
 @pytest.mark.parametrize("signame, code, requeue", [("SIGUSR1", 0, True),
@@ -178,3 +219,40 @@ def test_healthcheck_names_the_node_and_the_fault(tmp_path: Path) -> None:
     assert "GPU 1 has 3 uncorrected ECC errors" in ecc.stderr
     small = _healthcheck(tmp_path, "0, 40960, 0\n1, 81559, 0\n")
     assert "GPU 0 has 40960 MiB" in small.stderr
+
+
+@pytest.mark.parametrize("interconnect", ["none", "efa"])
+def test_the_environment_megatron_relies_on_is_set_and_a_user_value_wins(
+        interconnect: str) -> None:
+    text = _render("cluster=pcs_p5", f"cluster.interconnect={interconnect}",
+                   "cluster.healthcheck=false", repo=REPO)
+    setup = text.split("# command")[0] + ('echo "$CUDA_DEVICE_MAX_CONNECTIONS '
+                                          '$TORCH_NCCL_AVOID_RECORD_STREAMS ${NCCL_NVLS_ENABLE:-unset}"')
+    env = {k: v for k, v in os.environ.items() if "NCCL" not in k and not k.startswith("CUDA")}
+
+    def run(**exported: str) -> str:
+        return subprocess.run(["bash", "-c", setup], env={**env, **exported}, capture_output=True,
+                              text=True, check=True).stdout.split("\n")[-2]
+    nvls = "0" if interconnect == "efa" else "unset"  # NVLS is an EFA-cluster setting
+    assert run() == f"1 1 {nvls}"
+    assert run(CUDA_DEVICE_MAX_CONNECTIONS="8", NCCL_NVLS_ENABLE="1") == "8 1 1"
+
+
+def _sinfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: str) -> None:
+    """sinfo as a node group answers (the real one runs in test_slurm's jobs)."""
+    (tmp_path / "sinfo").write_text(f"#!/bin/sh\nprintf '{answer}'\n")
+    (tmp_path / "sinfo").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+
+def test_cpus_per_task_is_what_slurm_registered_for_the_partition(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _sinfo(tmp_path, monkeypatch, "192\n96\n")  # one node group with hyper-threading off
+    cfg, problems = with_registered_cpus(make_config("cluster=pcs_p5", "cluster.nodes=2"))
+    assert problems == [] and cfg.cluster.cpus_per_task == 12
+    _sinfo(tmp_path, monkeypatch, "")
+    _, problems = with_registered_cpus(make_config("cluster=pcs_p5"))
+    assert problems and problems[0].startswith("cluster.cpus_per_task=0 takes the CPUs Slurm "
+                                               "registered for partition gpu-p5's nodes")
+    fixed = make_config("cluster=pcs_p5", "cluster.cpus_per_task=16")
+    assert with_registered_cpus(fixed) == (fixed, [])
