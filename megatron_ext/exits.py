@@ -28,6 +28,18 @@ def transient(err: BaseException) -> bool:
                                            and _GLOO_TRANSPORT in str(err))
 
 
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+"""What a rank's error says when the rank on the other end of a connection went away: gloo's
+transport errors (seen here, after a peer's SIGKILL) and NCCL's ncclRemoteError."""
+
+
+def caused_by_a_peer(err: BaseException) -> bool:
+    """The error only says that another rank went away; that rank, or the launcher that saw how
+    it ended (``megatron_ext.job_end``: "killed by SIGKILL"), says why."""
+    return (isinstance(err, (dist.DistNetworkError, ConnectionResetError, BrokenPipeError))
+            or any(text in str(err) for text in _PEER_GONE))
+
+
 def refuse_restart(run_dir: str | Path, reason: str) -> None:
     """Tell the batch script that a rerun would fail the same way (first reason wins)."""
     path = Path(run_dir) / NO_RESTART

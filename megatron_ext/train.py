@@ -28,7 +28,7 @@ from megatron_ext.cpu import cpu_mode
 from megatron_ext.deadline import TimeBudget
 from megatron_ext.data import BatchPlan, build_train_dataset, microbatches
 from megatron_ext.env import RunEnv
-from megatron_ext.exits import refuse_restart, transient
+from megatron_ext.exits import caused_by_a_peer, refuse_restart, transient
 from megatron_ext.init_from import has_checkpoint, load_pretrained
 from megatron_ext.model import build_model, init_layout_independent
 from megatron_ext.optim import build_optimizer, wrap_ddp
@@ -243,6 +243,10 @@ def _failed(err: Exception, cfg: RunConfig, env: RunEnv, alerts: Alerts) -> int:
     """The exit of a rank that failed: ``EXIT_TRANSIENT`` when a restart may cure it (the
     batch script requeues), else the error is re-raised and no restart is allowed."""
     what = f"{type(err).__name__}: {err}"
+    if caused_by_a_peer(err):  # claiming the job's failure alert would blame this rank
+        log.exception("exiting %d: a peer rank went away; it, or the launcher, says why",
+                      EXIT_TRANSIENT)
+        return EXIT_TRANSIENT
     if transient(err):
         alerts.send_now(alert_kinds.FAILURE, f"{what} (a restart may cure it)", rank=env.rank)
         log.exception("exiting %d: a restart may cure this", EXIT_TRANSIENT)

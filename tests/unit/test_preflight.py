@@ -7,7 +7,7 @@ import pytest
 import torch.distributed as dist
 
 from launch.schema import NO_RESTART
-from megatron_ext.exits import refuse_restart, transient
+from megatron_ext.exits import caused_by_a_peer, refuse_restart, transient
 from tests.conftest import REPO, run_launch
 
 
@@ -52,6 +52,20 @@ def test_what_the_nodes_run_must_exist_on_the_shared_filesystem(tmp_path: Path) 
 ])
 def test_only_failures_of_the_nodes_are_restarted(err: Exception, restart: bool) -> None:
     assert transient(err) is restart
+
+
+@pytest.mark.parametrize("err, peer", [
+    (RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
+                  "closed by peer [127.0.0.1]:13219"), True),
+    (dist.DistBackendError("NCCL error: remote process exited or there was a network error"),
+     True),
+    (ConnectionResetError(104, "Connection reset by peer"), True),
+    (dist.DistBackendError("NCCL watchdog timeout"), False),  # this rank may be the stuck one
+    (RuntimeError("CUDA out of memory"), False),
+])
+def test_errors_that_only_say_a_peer_went_away(err: Exception, peer: bool) -> None:
+    """They claim no failure alert: the peer that died, or the launcher, says why."""
+    assert caused_by_a_peer(err) is peer
 
 
 def test_the_first_reason_not_to_restart_is_kept(tmp_path: Path) -> None:
