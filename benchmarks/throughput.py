@@ -103,12 +103,13 @@ def framework_steps(cfg: RunConfig, use_gpu: bool) -> dict[str, Step]:
     from megatron_ext.spikes import NullSpikeDetector
     from megatron_ext.straggler import NullStragglerDetector
     from megatron_ext.train import Loop, build
-    from megatron_ext.watchdog import NullWatchdog
+    from megatron_ext.watchdog import NullWatchdog, Watchdog
 
     env, layout = RunEnv.from_env(), derive_layout(cfg)
     alerts = Alerts.from_config(cfg, rank=env.rank)
     run = build(cfg, env, layout, use_gpu, alerts)
-    on = Loop.start(cfg, env, layout, use_gpu, alerts, run, start_step=0)
+    watchdog = Watchdog.from_config(cfg, rank=env.rank)
+    on = Loop.start(cfg, env, layout, use_gpu, alerts, run, start_step=0, watchdog=watchdog)
     off = replace(on, watchdog=NullWatchdog(), straggler=NullStragglerDetector(),
                   spikes=NullSpikeDetector())
     position = {"step": 0, "consumed": 0}  # both ways advance the one run

@@ -57,7 +57,11 @@ class WatchdogConfig:
     min_timeout_s: float = 300.0
     step_time_factor: float = 10.0
     first_step_timeout_s: float = 1800.0
-    """Budget for start-up and the first step (compilation, checkpoint load)."""
+    """Budget for start-up (process groups, model build, checkpoint load), and again for the
+    first step (compilation, warm-up)."""
+    save_timeout_s: float = 1800.0
+    """Budget for the part of a checkpoint save the step waits for, and for the exit save with
+    its commit: saves are no steps, so their time never raises the step timeout."""
 
 
 @dataclass

@@ -159,11 +159,9 @@ class Loop:
 
     @classmethod
     def start(cls, cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Alerts,
-              run: Training, start_step: int) -> "Loop":
+              run: Training, start_step: int, watchdog: Watchdog | NullWatchdog) -> "Loop":
         report = StepReporter(cfg, env, layout, use_gpu, start_step)
-        watchdog = Watchdog.from_config(cfg, rank=env.rank, run_dir=Path(cfg.run_dir),
-                                        on_hang=functools.partial(alerts.send_now,
-                                                                  alert_kinds.HANG, rank=env.rank))
+        watchdog.context = lambda: f"last committed checkpoint: step {run.ckpt.last_committed_step}"
         straggler = StragglerDetector.from_config(
             cfg, group=None, rank=env.rank, hostname=env.hostname,
             role=pipeline_position(parallel.pp_rank(), layout.pp))
@@ -180,7 +178,7 @@ class Loop:
         result = train_batch(run, t, consumed)
         consumed += t.global_batch_size  # a skipped batch is consumed too, never retried
         step_s = time.monotonic() - step_start
-        self.watchdog.beat()
+        self.watchdog.beat(step)
         check = self.straggler.step(result.forward_s)
         for straggler_report in check.reports if check and env.rank == 0 else []:
             log.warning("straggler: %s", straggler_report.describe())  # the same on every rank
@@ -192,14 +190,17 @@ class Loop:
             log.warning("spike: %s", spike.describe(step))
             self.alerts.send(alert_kinds.SPIKE, spike.describe(step), rank=env.rank)
         save_start = time.monotonic()
-        run.ckpt.maybe_save(step, consumed)
+        save_bound = self.cfg.resilience.watchdog.save_timeout_s
+        with self.watchdog.section("a checkpoint save", save_bound):
+            run.ckpt.maybe_save(step, consumed)
         self.report.step(step, result, step_s, consumed, checkpoint_blocking_s=time.monotonic()
                          - save_start, straggler=check)
         if self.stop.requested(device="cuda" if self.use_gpu else "cpu", step_s=step_s,
                                save_s=run.ckpt.last_save_s,  # a stop save waits for these:
                                save_pending=run.ckpt.saving or run.ckpt.on_interval(step + 1)):
             log.warning("%s: saving step %d, then exiting for requeue", self.stop.reason, step)
-            run.ckpt.save(step, consumed, blocking=True)
+            with self.watchdog.section("the stop save", save_bound):
+                run.ckpt.save(step, consumed, blocking=True)
             # rank 0's S3 copy of it may use the time left before the limit
             run.ckpt.close(step, consumed, s3_timeout_s=self.stop.seconds_left())
             self.watchdog.close()  # no step follows; waiting for the copy is not a hang
@@ -211,16 +212,23 @@ class Loop:
     def close(self, step: int, consumed: int) -> None:
         """After the last step: the exit save and pending commits, then the watchdog. The
         reporter closes last (``train``), after the completion alert went through its run."""
-        self.run.ckpt.close(step, consumed)
+        with self.watchdog.section("the exit save", self.cfg.resilience.watchdog.save_timeout_s
+                                   + self.cfg.checkpoint.s3_exit_timeout_s):  # and the S3 copies
+            self.run.ckpt.close(step, consumed)
         self.watchdog.close()
 
 
 def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Alerts) -> None:
     t = cfg.train
-    run = build(cfg, env, layout, use_gpu, alerts)
-    resume = run.ckpt.load_latest()
+    watchdog = Watchdog.from_config(cfg, rank=env.rank, run_dir=Path(cfg.run_dir),
+                                    on_hang=functools.partial(alerts.send_now, alert_kinds.HANG,
+                                                              rank=env.rank))
+    with watchdog.section("start-up (process groups, model, checkpoint load)",
+                          cfg.resilience.watchdog.first_step_timeout_s):
+        run = build(cfg, env, layout, use_gpu, alerts)
+        resume = run.ckpt.load_latest()
     start_step, consumed = resume.step, resume.consumed_samples
-    loop = Loop.start(cfg, env, layout, use_gpu, alerts, run, start_step)
+    loop = Loop.start(cfg, env, layout, use_gpu, alerts, run, start_step, watchdog)
     log.info("training %s with %s on %d ranks (%s) from step %d", cfg.model.name,
              layout.describe(), env.world_size, "GPU" if use_gpu else "CPU, gloo", start_step)
     if env.rank == 0:

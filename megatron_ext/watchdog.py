@@ -2,10 +2,13 @@
 
 A hung collective blocks the main thread inside C code where no Python exception can reach
 it, so a daemon thread watches the time since the last ``beat()`` and ends the process with
-``os._exit``; the non-zero exit ends the Slurm step and lets the job be requeued.
+``os._exit``; the non-zero exit ends the Slurm step and lets the job be requeued. Work that is
+no step (start-up, checkpoint saves) runs in a ``section`` with a bound of its own, as NVRx's
+setup/step/checkpointing sections do, and stays out of the step statistic.
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import socket
@@ -14,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 from collections.abc import MutableMapping
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 from launch.schema import EXIT_TRANSIENT, RunConfig
 from launch.watch_schema import WatchdogConfig
@@ -43,8 +46,11 @@ class Watchdog:
         self._cfg, self._rank, self._on_hang = cfg, rank, on_hang
         self._dump_dir = dump_dir
         self._last_beat = time.monotonic()  # start-up counts against first_step_timeout_s
-        self._beats = 0
+        self._beats, self._step = 0, 0
         self._slowest_step_s: Optional[float] = None
+        self._section: Optional[tuple[str, float, float]] = None  # name, start, timeout
+        self.context: Optional[Callable[[], str]] = None
+        """More for the hang message, e.g. the last committed checkpoint; set by the loop."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
         self._thread.start()
@@ -59,15 +65,27 @@ class Watchdog:
         return cls(cfg.resilience.watchdog, rank=rank,
                    dump_dir=Path(run_dir) if run_dir is not None else None, on_hang=on_hang)
 
-    def beat(self) -> None:
-        """Call after every completed step; the gap since the last beat is that step's time."""
+    def beat(self, step: int = 0) -> None:
+        """Call after every completed step (the global ``step``); the gap since the last beat,
+        or since the last section ended, is that step's time."""
         now = time.monotonic()
         if self._beats:
             step_s = now - self._last_beat
             if self._slowest_step_s is None or step_s > self._slowest_step_s:
                 self._slowest_step_s = step_s
         self._last_beat = now
-        self._beats += 1
+        self._beats, self._step = self._beats + 1, step
+
+    @contextlib.contextmanager
+    def section(self, name: str, timeout_s: float) -> Iterator[None]:
+        """Work that is no step (start-up, a save): a hang if it outlasts ``timeout_s``; its
+        time is not the next step's."""
+        self._section = (name, time.monotonic(), timeout_s)
+        try:
+            yield
+        finally:
+            self._section = None
+            self._last_beat = time.monotonic()
 
     @property
     def timeout_s(self) -> float:
@@ -79,18 +97,24 @@ class Watchdog:
 
     def _watch(self) -> None:
         while True:
-            timeout = self.timeout_s
-            idle = time.monotonic() - self._last_beat
+            section = self._section
+            name, since, timeout = section or ("a training step", self._last_beat, self.timeout_s)
+            idle = time.monotonic() - since
             if idle > timeout:
-                self._fire(idle, timeout)
+                self._fire(name, idle, timeout)
             # wake often enough to fire within ~10% of the timeout, at most once a second
             if self._stop.wait(min(1.0, max(0.01, timeout / 10))):
                 return
 
-    def _fire(self, idle_s: float, timeout_s: float) -> None:
-        message = (f"rank {self._rank} on {socket.gethostname()}: no training step completed "
-                   f"for {idle_s:.0f} s (timeout {timeout_s:.0f} s, {self._beats} steps done); "
-                   f"dumped all stacks and exiting with {EXIT_CODE_HANG}")
+    def _fire(self, what: str, idle_s: float, timeout_s: float) -> None:
+        dumps = (f"; every thread's stack in {self._dump_dir}/hang-stacks-rank{self._rank}.txt "
+                 "(each rank writes its own: the rank outside a collective is the stuck one)"
+                 if self._dump_dir is not None else "; every thread's stack in its log")
+        context = f"; {self._call_context()}" if self.context is not None else ""
+        message = (f"rank {self._rank} on {socket.gethostname()}: {what} did not end within "
+                   f"{timeout_s:.0f} s ({idle_s:.0f} s; last completed step {self._step}, "
+                   f"{self._beats} in this attempt){context}{dumps}; exiting with "
+                   f"{EXIT_CODE_HANG} for a restart")
         print(f"WATCHDOG: {message}", file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         if self._dump_dir is not None:
@@ -99,6 +123,12 @@ class Watchdog:
             self._call_bounded(message)
         sys.stderr.flush()
         os._exit(EXIT_CODE_HANG)
+
+    def _call_context(self) -> str:
+        try:
+            return self.context()
+        except Exception as e:  # the exit matters more than the detail
+            return f"(no context: {type(e).__name__})"
 
     def _dump_to_files(self, message: str) -> None:
         try:
@@ -155,9 +185,14 @@ class NullWatchdog:
     """Watchdog switched off: same interface, does nothing."""
 
     timeout_s = float("inf")
+    context = None
 
-    def beat(self) -> None:
+    def beat(self, step: int = 0) -> None:
         pass
+
+    @contextlib.contextmanager
+    def section(self, name: str, timeout_s: float) -> Iterator[None]:
+        yield
 
     def close(self) -> None:
         pass

@@ -11,6 +11,8 @@
 ``python tests/integration/faulty_rank.py <config.yaml> load_error <rank>``
     that rank's first checkpoint load raises an I/O error before megatron's load starts (its
     peers go on into the load's collectives);
+``python tests/integration/faulty_rank.py <config.yaml> slow_save <seconds>``
+    every checkpoint save blocks ``seconds`` longer (a slow file system, a sync save);
 ``python tests/integration/faulty_rank.py <config.yaml> slow <rank> <seconds>``
     that rank's every forward pass takes ``seconds`` longer (a throttled GPU, a slow host).
 """
@@ -26,6 +28,7 @@ from megatron.core import dist_checkpointing
 
 from megatron_ext import step as step_module
 from megatron_ext import train
+from megatron_ext.checkpoint import Checkpointer
 
 
 class _NanBackward(torch.autograd.Function):
@@ -68,6 +71,16 @@ def fail_first_load(rank: int) -> None:
     dist_checkpointing.load = load
 
 
+def slow_save(seconds: float) -> None:
+    real_save = Checkpointer.save
+
+    def save(self, *args, **kwargs):
+        time.sleep(seconds)
+        return real_save(self, *args, **kwargs)
+
+    Checkpointer.save = save
+
+
 def slow_forward(rank: int, seconds: float) -> None:
     real_forward = step_module._forward_step
 
@@ -85,6 +98,8 @@ def main() -> int:
         poison(int(args[0]), args[1], gradient_only=fault == "nan_grad")
     elif fault == "spike":
         poison(int(args[0]), args[1], gradient_only=False, factor=50.0)
+    elif fault == "slow_save":
+        slow_save(float(args[0]))
     elif fault == "load_error":
         fail_first_load(int(args[0]))
     else:

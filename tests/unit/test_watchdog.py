@@ -72,6 +72,39 @@ def test_beating_rank_is_left_alone(tmp_path):
     assert "WATCHDOG" not in proc.stderr and not list(tmp_path.iterdir())
 
 
+SECTION_SCRIPT = """
+import sys, time
+from launch.watch_schema import WatchdogConfig
+from megatron_ext.watchdog import Watchdog
+
+save_s = float(sys.argv[1])
+cfg = WatchdogConfig(min_timeout_s=0.5, step_time_factor=5.0, first_step_timeout_s=5.0)
+watchdog = Watchdog(cfg, rank=2)
+for step in range(1, 11):
+    time.sleep(0.02)
+    watchdog.beat(step)
+    if step == 5:
+        with watchdog.section("a checkpoint save", 1.5):
+            time.sleep(save_s)  # longer than the 0.5 s step timeout
+print("TIMEOUT", watchdog.timeout_s, flush=True)
+watchdog.close()
+"""
+
+
+def test_a_save_has_its_own_bound_and_stays_out_of_the_step_timeout():
+    """A 45 s save under a 20 s timeout was a hang; one 15 s save raised every later timeout."""
+    ok = subprocess.run([sys.executable, "-c", SECTION_SCRIPT, "1.0"], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "WATCHDOG" not in ok.stderr and "TIMEOUT 0.5" in ok.stdout  # still the step rule
+    stuck = subprocess.run([sys.executable, "-c", SECTION_SCRIPT, "30"], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+    assert stuck.returncode == EXIT_CODE_HANG
+    assert ("WATCHDOG: rank 2 on " in stuck.stderr
+            and ": a checkpoint save did not end within 2 s" in stuck.stderr)
+    assert "last completed step 5, 5 in this attempt" in stuck.stderr
+
+
 def test_timeout_follows_the_slowest_step():
     cfg = WatchdogConfig(min_timeout_s=0.1, step_time_factor=100.0, first_step_timeout_s=60.0)
     watchdog = Watchdog(cfg, rank=0)
