@@ -90,14 +90,17 @@ def _teardown_lines(cfg: RunConfig, python: str) -> list[str]:
     The batch shell (on the host) requeues rather than a rank, because inside a container
     ``scontrol`` is not available; rank 0 asks by creating ``REQUEUE_REQUEST`` in the run folder.
     A step that failed without any rank saying why (a rank killed by the OOM killer), or a job
-    given up after ``cluster.max_restarts``, gets the alert of ``megatron_ext.job_end``, where the
-    host can run the ranks' Python (not from a container image alone).
+    given up after ``cluster.max_restarts``, gets the alert of ``megatron_ext.job_end``: run by
+    the host's Python where it has the ranks' (a venv, the launcher's), else in one task of the
+    container image (HyperPod), whose Python the host lacks.
     """
     lines = ["rc=$?"] + (_restart_lines(cfg) if cfg.cluster.requeue else ['gave_up=""'])
-    if cfg.cluster.venv or not cfg.cluster.container_image:  # the host has the ranks' Python
-        job_end = shlex.join([rank_python(cfg.cluster, python), "-m", "megatron_ext.job_end",
-                              str(Path(cfg.run_dir) / RUN_CONFIG)])
-        lines.append(f'if [ "$rc" -ne 0 ]; then {job_end} "$rc" $gave_up || true; fi')
+    c = cfg.cluster
+    job_end = [rank_python(c, python), "-m", "megatron_ext.job_end",
+               str(Path(cfg.run_dir) / RUN_CONFIG)]
+    if c.container_image and not c.venv:
+        job_end = ["srun", "--nodes=1", "--ntasks=1", *_container_args(c)] + job_end
+    lines.append(f'if [ "$rc" -ne 0 ]; then {shlex.join(job_end)} "$rc" $gave_up || true; fi')
     if cfg.cluster.requeue:
         request = _requeue_request(cfg)
         lines.append(f'if [ -e {request} ]; then rm -f {request}; scontrol requeue "$SLURM_JOB_ID"; fi')
@@ -112,8 +115,12 @@ def _srun_args(c: ClusterConfig) -> list[str]:
     args: list[str] = ["--kill-on-bad-exit=1", "--cpu-bind=none"]
     if c.auto_resume:
         args.append("--auto-resume=1")
-    if c.container_image:
-        args.append(f"--container-image={c.container_image}")
+    return args + _container_args(c)
+
+
+def _container_args(c: ClusterConfig) -> list[str]:
+    """pyxis's flags that run a step in ``cluster.container_image``."""
+    args = [f"--container-image={c.container_image}"] if c.container_image else []
     if c.container_mounts:
         args.append(f"--container-mounts={c.container_mounts}")
     return args

@@ -167,6 +167,16 @@ def test_failures_a_restart_may_cure_are_requeued_at_most_max_restarts_times(
     assert (tmp_path / "run" / FAILURES).read_text() == "3\n"
 
 
+def test_with_a_container_image_alone_the_alert_of_last_resort_runs_in_the_image() -> None:
+    """HyperPod's host has no Python of the ranks': an OOM-killed rank alerted nothing."""
+    text = _render("cluster=hyperpod_p5")
+    teardown = text.split("# teardown\n")[1]
+    assert ('if [ "$rc" -ne 0 ]; then srun --nodes=1 --ntasks=1 '
+            "--container-image=/fsx/apps/slurm-llm.sqsh --container-mounts=/fsx:/fsx python -m "
+            "megatron_ext.job_end /fsx/runs/llama/launches/2025-01-01_00-00-00/config.yaml "
+            '"$rc" $gave_up || true; fi') in teardown
+
+
 def test_a_failure_that_would_repeat_is_never_requeued(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / NO_RESTART).write_text("loss nan at step 3\n")
