@@ -74,7 +74,7 @@ class StragglerConfig:
     """A rank whose compute time exceeds threshold * the median rank's is reported."""
     consecutive_reports: int = 3
     """...in this many report intervals in a row: a healthy run with async saves crosses 1.5x
-    now and then on alternating ranks (7 of 50 intervals in the demo); a straggler stays."""
+    now and then on alternating ranks (7 of 50 reports in one measured run); a straggler stays."""
 
 
 @dataclass
