@@ -71,7 +71,8 @@ class ModelConfig:
         out = choice_problem("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
         out += choice_problem("model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                     "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
+                     "ffn_hidden_size", "vocab_size", "max_position_embeddings",
+                     "make_vocab_size_divisible_by"):
             out += positive_problem(f"model.{name}", getattr(self, name))
         if self.rope_scaling_factor < 0:
             out.append(f"model.rope_scaling_factor={self.rope_scaling_factor} must be >= 0 "
@@ -84,6 +85,25 @@ class ModelConfig:
         if self.num_attention_heads % self.num_query_groups:
             out.append(f"model.num_query_groups={self.num_query_groups} must divide "
                        f"model.num_attention_heads={self.num_attention_heads}")
+        return out
+
+    def tensor_parallel_problems(self, tp: int, field: str = "parallel.tp") -> list[str]:
+        """What megatron-core's tensor-parallel layers split ``tp`` ways: the attention heads
+        (``TransformerConfig``) and the MLP width (``RowParallelLinear`` of ``linear_fc2``); KV
+        groups split ``tp`` ways or, fewer than ``tp``, are replicated (``Attention``: then ``tp``
+        must be a multiple of them). ``field`` names the TP size in the messages."""
+        out = []
+        if self.num_attention_heads % tp:
+            out.append(f"{field}={tp} must divide model.num_attention_heads="
+                       f"{self.num_attention_heads}")
+        if self.num_query_groups % tp and tp % self.num_query_groups:
+            out.append(f"{field}={tp} must divide model.num_query_groups="
+                       f"{self.num_query_groups} or be a multiple of it (megatron replicates "
+                       "KV heads over the TP ranks)")
+        if self.ffn_hidden_size % tp:
+            out.append(f"{field}={tp} must divide model.ffn_hidden_size="
+                       f"{self.ffn_hidden_size} (the MLP's projections are split over the TP "
+                       "ranks)")
         return out
 
 
@@ -350,3 +370,9 @@ class Layout:
     def describe(self) -> str:
         return (f"TP={self.tp} PP={self.pp} VPP={self.vpp} CP={self.cp} DP={self.dp} "
                 f"SP={'on' if self.sp else 'off'}")
+
+
+def runs_local_spec(cfg: RunConfig) -> bool:
+    """Whether the ranks build megatron's local (plain torch) layer spec rather than Transformer
+    Engine's: asked for, or CPU ranks (as ``megatron_ext.model.uses_transformer_engine``)."""
+    return cfg.model.transformer_impl == "local" or cfg.cluster.cpu_ranks
