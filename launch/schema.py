@@ -89,9 +89,9 @@ class ModelConfig:
 
     def tensor_parallel_problems(self, tp: int, field: str = "parallel.tp") -> list[str]:
         """What megatron-core's tensor-parallel layers split ``tp`` ways: the attention heads
-        (``TransformerConfig``) and the MLP width (``RowParallelLinear`` of ``linear_fc2``); KV
-        groups split ``tp`` ways or, fewer than ``tp``, are replicated (``Attention``: then ``tp``
-        must be a multiple of them). ``field`` names the TP size in the messages."""
+        (``TransformerConfig``), the fused QKV projection and the MLP width (``linear_qkv``,
+        ``linear_fc2``); KV groups split ``tp`` ways or, fewer than ``tp``, are replicated
+        (``Attention``: then ``tp`` must be a multiple of them). ``field`` names the TP size."""
         out = []
         if self.num_attention_heads % tp:
             out.append(f"{field}={tp} must divide model.num_attention_heads="
@@ -100,6 +100,11 @@ class ModelConfig:
             out.append(f"{field}={tp} must divide model.num_query_groups="
                        f"{self.num_query_groups} or be a multiple of it (megatron replicates "
                        "KV heads over the TP ranks)")
+        qkv = (self.num_attention_heads + 2 * self.num_query_groups) * (
+            self.hidden_size // self.num_attention_heads)
+        if not out and qkv % tp:  # KV replicated: the fused QKV projection is split as a whole
+            out.append(f"{field}={tp} must divide the fused QKV width (model.num_attention_heads"
+                       f" + 2*model.num_query_groups) * head width = {qkv}")
         if self.ffn_hidden_size % tp:
             out.append(f"{field}={tp} must divide model.ffn_hidden_size="
                        f"{self.ffn_hidden_size} (the MLP's projections are split over the TP "

@@ -14,18 +14,40 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.models.gpt import GPTModel
 
+from launch.planning.flops import padded_vocab_size
 from launch.schema import ModelConfig
 from megatron_ext import commit
 from megatron_ext.checkpoint import shard_problems
 from megatron_ext.ckpt_files import listing
 from megatron_ext.hf_llama import PADDED_ROWS, WeightSource, model_problems
 from megatron_ext.model import weight_shards
-from megatron_ext.weights import open_weights
+from megatron_ext.weights import TrainingCheckpoint, open_weights
 
 
 def has_checkpoint(checkpoint_dir: str) -> bool:
     """A committed checkpoint exists, so the run resumes from it instead of ``init_from``."""
     return bool(commit.committed_steps(listing(Path(checkpoint_dir))))
+
+
+def vocab_rows(checkpoint_dir: str, model: ModelConfig, tp: int) -> int:
+    """Embedding rows to build: those of the newest committed checkpoint, which the run resumes
+    from, else megatron's padding for ``tp``.
+
+    A resume keeps the padding it was saved with: the padding rows' logits take part in
+    megatron's softmax, so a TP that pads differently (vocab 600: 640 rows at TP=1, 768 at TP=2)
+    adds logits the run never had. Measured on a tiny model resumed TP=1 -> TP=2: loss 6.308
+    instead of the same-layout resume's 6.114. Every rank reads the same small metadata file.
+    """
+    newest = commit.load_order(listing(Path(checkpoint_dir)))
+    if not newest:
+        return padded_vocab_size(model, tp)
+    saved = Path(checkpoint_dir) / commit.step_dir(newest[0])
+    rows = TrainingCheckpoint(saved).rows(PADDED_ROWS[0])
+    if rows % tp:
+        raise ValueError(f"parallel.tp={tp} must divide the {rows} embedding rows of {saved} "
+                         f"(model.vocab_size={model.vocab_size} padded as it was saved), "
+                         "which a resume keeps; choose a parallel.tp that divides them")
+    return rows
 
 
 def storage_key(shard: ShardedTensor) -> str:

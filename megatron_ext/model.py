@@ -87,16 +87,17 @@ def layer_spec(model: ModelConfig, use_gpu: bool) -> ModuleSpec:
     return get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
-def build_model(model: ModelConfig, train: TrainConfig, layout: Layout,
-                use_gpu: bool) -> tuple[list[GPTModel], TransformerConfig]:
-    """This rank's model chunks: one per virtual pipeline stage it hosts."""
+def build_model(model: ModelConfig, train: TrainConfig, layout: Layout, use_gpu: bool,
+                vocab_rows: int | None = None) -> tuple[list[GPTModel], TransformerConfig]:
+    """This rank's model chunks: one per virtual pipeline stage it hosts. ``vocab_rows``: the
+    embedding's rows (a resume keeps its checkpoint's); None pads ``model.vocab_size`` for TP."""
     config = transformer_config(model, train, layout, use_gpu)
     spec = layer_spec(model, use_gpu)
     chunks = []
     for vp_stage in range(layout.vpp) if layout.vpp > 1 else [None]:
         chunk = GPTModel(
             config=config, transformer_layer_spec=spec,
-            vocab_size=padded_vocab_size(model, layout.tp),
+            vocab_size=vocab_rows or padded_vocab_size(model, layout.tp),
             max_sequence_length=model.max_position_embeddings,
             pre_process=parallel.is_first_stage(vp_stage),
             post_process=parallel.is_last_stage(vp_stage),

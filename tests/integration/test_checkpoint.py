@@ -217,6 +217,22 @@ def test_a_fully_reshardable_checkpoint_loads_into_another_layout(reference, tmp
     assert list(resumed.values()) == pytest.approx(list(expected.values()), rel=1e-4)
 
 
+def test_a_tp_change_keeps_the_vocabulary_padding_it_was_saved_with(tmp_path):
+    """Vocabulary 600 pads to 640 rows at TP=1 and 768 at TP=2; the padding rows' logits enter
+    megatron's softmax, so the TP=2 resume builds the saved 640 rows and trains on exactly."""
+    run = ("model.vocab_size=600", "checkpoint.optimizer_format=fully_reshardable",
+           "train.steps=6", "checkpoint.save_interval=3")
+    saved = _torchrun(_config(tmp_path / "save", tmp_path / "ckpt", *run))
+    assert saved.returncode == 0, saved.stdout[-3000:] + saved.stderr[-3000:]
+    shutil.rmtree(tmp_path / "ckpt" / commit.step_dir(6))
+    result = _torchrun(_config(tmp_path / "run", tmp_path / "ckpt", *run, "parallel=tp2"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "model and optimizer resharded" in result.stdout
+    resumed, expected = _losses(tmp_path / "run"), _after(_losses(tmp_path / "save"), 3)
+    assert sorted(resumed) == [4, 5, 6] == sorted(expected)
+    assert list(resumed.values()) == pytest.approx(list(expected.values()), rel=1e-4)
+
+
 def _bucket_copy(bucket: str, prefix: str) -> dict[str, bytes]:
     client = s3_client()
     listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
