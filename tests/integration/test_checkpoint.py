@@ -22,12 +22,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launch.config import compose, to_run_config, to_yaml
 from launch.schema import REQUEUE_REQUEST
 from megatron_ext import commit
 from megatron_ext.replicate import s3_client
 from tests.conftest import run_launch
-from tests.integration.conftest import read_metrics, torchrun_argv
+from tests.integration.conftest import rank_config, read_metrics, torchrun_argv
 from tests.s3_server import aws_env, s3_endpoint
 
 pytestmark = pytest.mark.slow
@@ -38,12 +37,7 @@ TRAIN = ["data=synthetic", f"train.steps={STEPS}", "train.warmup_steps=2", "trai
 
 
 def _config(run_dir: Path, ckpt_dir: Path, *overrides: str) -> Path:
-    run_dir.mkdir(parents=True)
-    cfg = to_run_config(compose([*TRAIN, f"checkpoint.dir={ckpt_dir}", *overrides],
-                                run_dir=str(run_dir)))
-    path = run_dir / "config.yaml"
-    path.write_text(to_yaml(cfg))
-    return path
+    return rank_config(run_dir, *TRAIN, f"checkpoint.dir={ckpt_dir}", *overrides)
 
 
 def _torchrun_argv(config: Path) -> list[str]:
