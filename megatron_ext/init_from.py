@@ -35,14 +35,24 @@ def vocab_rows(checkpoint_dir: str, model: ModelConfig, tp: int) -> int:
 
     A resume keeps the padding it was saved with: the padding rows' logits take part in
     megatron's softmax, so a TP that pads differently (vocab 600: 640 rows at TP=1, 768 at TP=2)
-    adds logits the run never had. Measured on a tiny model resumed TP=1 -> TP=2: loss 6.308
-    instead of the same-layout resume's 6.114. Every rank reads the same small metadata file.
+    adds logits the run never had. Measured (tests/integration/test_checkpoint.py): a tiny model
+    saved at TP=1 step 3 and resumed at TP=2 with 768 rows had loss 5.756 at step 4 instead of
+    the TP=1 run's 5.578; with the saved 640 rows, equal to 1e-4. Every rank reads the same small
+    metadata file;
+    one that cannot be read is skipped, as the resume falls back past that checkpoint.
     """
-    newest = commit.load_order(listing(Path(checkpoint_dir)))
-    if not newest:
-        return padded_vocab_size(model, tp)
-    saved = Path(checkpoint_dir) / commit.step_dir(newest[0])
-    rows = TrainingCheckpoint(saved).rows(PADDED_ROWS[0])
+    for step in commit.load_order(listing(Path(checkpoint_dir))):
+        saved = Path(checkpoint_dir) / commit.step_dir(step)
+        try:
+            rows = TrainingCheckpoint(saved).rows(PADDED_ROWS[0])
+        except Exception:  # corrupt metadata: Checkpointer.load_latest reports and skips it
+            continue
+        return _divided_rows(rows, tp, saved, model)
+    return padded_vocab_size(model, tp)
+
+
+def _divided_rows(rows: int, tp: int, saved: Path, model: ModelConfig) -> int:
+    """``rows``, which megatron's vocab-parallel embedding and output layer split ``tp`` ways."""
     if rows % tp:
         raise ValueError(f"parallel.tp={tp} must divide the {rows} embedding rows of {saved} "
                          f"(model.vocab_size={model.vocab_size} padded as it was saved), "
