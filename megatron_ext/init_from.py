@@ -38,8 +38,7 @@ def vocab_rows(checkpoint_dir: str, model: ModelConfig, tp: int) -> int:
     adds logits the run never had. Measured (tests/integration/test_checkpoint.py): a tiny model
     saved at TP=1 step 3 and resumed at TP=2 with 768 rows had loss 5.756 at step 4 instead of
     the TP=1 run's 5.578; with the saved 640 rows, equal to 1e-4. Every rank reads the same small
-    metadata file;
-    one that cannot be read is skipped, as the resume falls back past that checkpoint.
+    metadata file; one that cannot be read is skipped, as the resume falls back past it.
     """
     for step in commit.load_order(listing(Path(checkpoint_dir))):
         saved = Path(checkpoint_dir) / commit.step_dir(step)

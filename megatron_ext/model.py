@@ -60,10 +60,10 @@ def transformer_config(model: ModelConfig, train: TrainConfig, layout: Layout,
 def p2p_comm(layout: Layout) -> dict[str, bool]:
     """Megatron-LM's rule (validate_args): the interleaved schedule overlaps its pipeline sends
     and receives, unbatched (``batch_p2p_comm = not overlap_p2p_comm``); the plain 1F1B batches
-    them. Batched, an interleaved PP=2 sends to its one peer both ways in one batch, and the
-    receives pair with the wrong sends: measured on CPU, PP=2 VPP=2 trained off the PP=2 loss
-    from step 1 with no error (PP=4 VPP=2 stayed exact). The same on CPU and GPU, so the CPU
-    tests check what the GPU ranks run."""
+    them. At PP=2 a rank's previous and next stage are one peer, and batched, the interleaved
+    schedule's tensors to and from it got mixed up: measured on CPU, PP=2 VPP=2 trained off the
+    PP=2 loss from step 1 (6.249 vs 6.257) with no error; PP=4 VPP=2 stayed exact. The same on
+    CPU and GPU, so the CPU tests (tests/integration/test_training.py) check what GPUs run."""
     interleaved = layout.vpp > 1
     return {"overlap_p2p_comm": interleaved, "batch_p2p_comm": not interleaved}
 
