@@ -130,6 +130,7 @@ def test_rope_scaling_megatron_cannot_express_is_refused(tmp_path: Path) -> None
         open_weights(tiny_llama(tmp_path / "yarn", rope_parameters=yarn))
 
 
+@pytest.mark.slow  # two spawned ranks
 def test_fewer_kv_heads_than_tp_ranks_give_transformers_logits(tmp_path: Path) -> None:
     """megatron replicates the one KV head over TP=2 (validate used to refuse this layout)."""
     hf = tiny_llama(tmp_path / "hf", num_key_value_heads=1)
