@@ -1,9 +1,11 @@
 """megatron-core is the oracle: validate refuses a model x layout exactly when megatron does.
 
-For a few hundred generated configurations, the ranks' own ``transformer_config`` builds
-megatron's ``TransformerConfig`` (its ``ModelParallelConfig`` checks included) and then one
-transformer layer of the local spec, which CPU ranks build: its attention, MLP and norms run
-every divisibility check megatron makes when it splits a layer over TP ranks. The layer needs
+For 400 generated configurations, the ranks' own ``transformer_config`` builds
+megatron's ``TransformerConfig`` (its ``ModelParallelConfig`` checks included), megatron's
+``get_num_layers_to_build`` splits the layers over the pipeline stages and model chunks, and
+one transformer layer of the local spec, which CPU ranks build, is constructed: its attention,
+MLP and norms run every divisibility check megatron makes when it splits a layer over TP ranks.
+The layer needs
 only the size of its TP group, so a stand-in group of that size replaces the TP ranks (hundreds
 of real multi-process groups would take minutes); everything else is megatron's own code.
 """
@@ -18,6 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from launch.config import validate
@@ -40,33 +43,43 @@ class SizedGroup:
         return 0
 
 
-def _generated() -> list[tuple[int, int, int, int, int, bool]]:
-    """(heads, KV groups, head width, MLP width, TP, SP): a seeded sample of every combination."""
+Case = tuple[int, int, int, int, int, int, int, int, bool]
+"""(heads, KV groups, head width, MLP width, layers, TP, PP, VPP, SP)."""
+
+
+def _generated() -> list[Case]:
+    """A seeded sample of every combination (VPP > 1 only with PP > 1: a schema rule)."""
     heads_groups = [(h, g) for h in (4, 6, 8, 12) for g in range(1, h + 1) if h % g == 0]
-    every = [(h, g, d, f, tp, sp) for (h, g), d, f, tp, sp in itertools.product(
-        heads_groups, (3, 8), (48, 50, 51), (1, 2, 3, 4, 6, 8), (False, True))]
-    return random.Random(24).sample(every, 300)
+    pipelines = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2)]
+    every = [(h, g, d, f, layers, tp, pp, vpp, sp)
+             for (h, g), d, f, layers, tp, (pp, vpp), sp in itertools.product(
+                 heads_groups, (3, 8), (48, 96, 50), (4, 6), (1, 2, 3, 4, 6, 8), pipelines,
+                 (False, True))]
+    return random.Random(24).sample(every, 400)
 
 
-def _config(base: RunConfig, heads: int, groups: int, width: int, ffn: int, tp: int,
-            sp: bool) -> RunConfig:
+def _config(base: RunConfig, case: Case) -> RunConfig:
+    heads, groups, width, ffn, layers, tp, pp, vpp, sp = case
     model = dataclasses.replace(base.model, num_attention_heads=heads, num_query_groups=groups,
-                                hidden_size=heads * width, ffn_hidden_size=ffn)
-    parallel = dataclasses.replace(base.parallel, tp=tp, sp=sp, dp=1)
-    cluster = dataclasses.replace(base.cluster, gpus_per_node=tp)
+                                hidden_size=heads * width, ffn_hidden_size=ffn, num_layers=layers)
+    parallel = dataclasses.replace(base.parallel, tp=tp, pp=pp, vpp=vpp, sp=sp, dp=1)
+    cluster = dataclasses.replace(base.cluster, gpus_per_node=tp * pp)
     return dataclasses.replace(base, model=model, parallel=parallel, cluster=cluster)
 
 
 def _megatron_refuses(cfg: RunConfig) -> bool:
-    layout = Layout(tp=cfg.parallel.tp, pp=1, cp=1, dp=1, sp=cfg.parallel.sp)
+    p = cfg.parallel
+    layout = Layout(tp=p.tp, pp=p.pp, cp=1, dp=1, vpp=p.vpp, sp=p.sp)
     groups = ProcessGroupCollection(tp=SizedGroup(layout.tp), cp=SizedGroup(1),
-                                    pp=SizedGroup(1))
+                                    pp=SizedGroup(layout.pp))
     try:
         config = transformer_config(cfg.model, cfg.train, layout, use_gpu=False)
+        vp_stage = 0 if layout.vpp > 1 else None  # the first model chunk of the first stage
+        get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=0)
         TransformerLayer(config, get_gpt_layer_local_spec(normalization="RMSNorm").submodules,
-                         layer_number=1, pg_collection=groups)
-    except (AssertionError, ValueError) as err:
-        return bool(str(err))
+                         layer_number=1, pg_collection=groups, vp_stage=vp_stage)
+    except (AssertionError, ValueError):  # megatron's divide() asserts, its configs raise
+        return True
     return False
 
 
@@ -83,10 +96,13 @@ def test_validate_refuses_exactly_what_megatron_refuses(one_process_group, monke
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # local ranks on CPU: the local spec
     base = make_config("train.seq_length=144", "train.global_batch_size=16",
                        "train.micro_batch_size=4")
-    disagree = []
     torch.manual_seed(0)
+    refused, disagree = 0, []
     for case in _generated():
-        cfg = _config(base, *case)
-        if bool(validate(cfg)) != _megatron_refuses(cfg):
+        cfg = _config(base, case)
+        megatron_refuses = _megatron_refuses(cfg)
+        refused += megatron_refuses
+        if bool(validate(cfg)) != megatron_refuses:
             disagree.append((case, validate(cfg)))
     assert disagree == []
+    assert min(refused, 400 - refused) >= 50  # both outcomes well represented (337 refused)
