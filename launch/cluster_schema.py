@@ -5,8 +5,10 @@ section; stdlib only, like the schema.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from launch.problems import choice_problem, positive_problem
 
@@ -18,6 +20,16 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|WEBHOOK", re.IGNORECASE)
 GPU_TYPES = ("H100", "H200", "A100", "B200")
 """GPU models the planner and the MFU metric know the peak of (launch/planning/flops.py)."""
+
+
+def gpus_visible_here() -> bool:
+    """Whether processes started here see an NVIDIA GPU, without importing torch: the driver
+    lists each GPU under /proc/driver/nvidia/gpus; ``CUDA_VISIBLE_DEVICES=''`` (or -1) hides
+    them from CUDA."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    listed = Path("/proc/driver/nvidia/gpus")
+    return listed.is_dir() and any(listed.iterdir())
 
 
 @dataclass
@@ -108,6 +120,12 @@ class ClusterConfig:
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def cpu_ranks(self) -> bool:
+        """A local job's ranks run on this machine, on CPU when it shows no GPU (what their
+        ``torch.cuda.is_available()`` finds); Slurm profiles are taken to be GPU nodes."""
+        return self.kind == "local" and not gpus_visible_here()
 
     def problems(self) -> list[str]:
         out = choice_problem("cluster.kind", self.kind, CLUSTER_KINDS)

@@ -15,7 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from launch.schema import Layout, ModelConfig, RunConfig
+from launch.schema import Layout, ModelConfig, RunConfig, runs_local_spec
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -86,15 +86,14 @@ def _layout_problems(cfg: RunConfig, layout: Layout) -> list[str]:
             f"parallel: tp*pp*cp*dp = {layout.tp}*{layout.pp}*{layout.cp}*{layout.dp} = "
             f"{layout.world_size} must equal the world size cluster.nodes*cluster.gpus_per_node"
             f" = {world}; tp*pp*cp must be one of {valid}")
-    if layout.tp > cfg.cluster.gpus_per_node:
-        out.append(f"parallel.tp={layout.tp} exceeds cluster.gpus_per_node="
-                   f"{cfg.cluster.gpus_per_node}; tensor parallelism stays within one node")
-    if m.num_attention_heads % layout.tp:
-        out.append(f"parallel.tp={layout.tp} must divide model.num_attention_heads="
-                   f"{m.num_attention_heads}")
-    if m.num_query_groups % layout.tp:
-        out.append(f"parallel.tp={layout.tp} must divide model.num_query_groups="
-                   f"{m.num_query_groups}")
+    gpus = cfg.cluster.gpus_per_node
+    if layout.tp > gpus:
+        out.append(f"parallel.tp={layout.tp} exceeds cluster.gpus_per_node={gpus}; tensor "
+                   "parallelism stays within one node")
+    elif gpus % layout.tp:
+        out.append(f"parallel.tp={layout.tp} must divide cluster.gpus_per_node={gpus}, else "
+                   f"some TP groups span two nodes; allowed: {_divisors(gpus)}")
+    out += m.tensor_parallel_problems(layout.tp)
     stages = layout.pp * layout.vpp
     if m.num_layers % stages:
         out.append(f"model.num_layers={m.num_layers} must be divisible by parallel.pp*parallel.vpp"
@@ -118,9 +117,10 @@ def _layout_problems(cfg: RunConfig, layout: Layout) -> list[str]:
                    f"by parallel.tp={layout.tp} with parallel.sp=true (each CP rank's tokens are "
                    "split over TP)")
     out += _context_parallel_problems(m, layout)
-    if layout.sp and m.transformer_impl == "local":
-        out.append("parallel.sp=true needs model.transformer_impl=transformer_engine; the local "
-                   "spec's norm refuses sequence parallelism")
+    if layout.sp and runs_local_spec(cfg):
+        out.append("parallel.sp=true needs the Transformer Engine spec (model.transformer_impl="
+                   "transformer_engine on GPU ranks); the local spec's norm refuses sequence "
+                   f"parallelism, and it is what {_local_spec_reason(cfg)}")
     return out
 
 
@@ -137,6 +137,16 @@ def _context_parallel_problems(m: ModelConfig, layout: Layout) -> list[str]:
         out.append(f"parallel.cp={layout.cp} needs model.attention_backend=fused or flash: "
                    "Transformer Engine's unfused attention has no context-parallel backend")
     return out
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _local_spec_reason(cfg: RunConfig) -> str:
+    if cfg.model.transformer_impl == "local":
+        return "model.transformer_impl=local builds"
+    return f"cluster.kind={cfg.cluster.kind}'s ranks build here, on CPU (no GPU on this machine)"
 
 
 def validate(cfg: RunConfig, layout: Optional[Layout] = None) -> list[str]:

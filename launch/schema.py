@@ -5,7 +5,8 @@ Field names follow Megatron (``model.num_layers``, ``parallel.tp``, ``train.seq_
 Sections stay unfrozen because Hydra needs to apply overrides; the derived ``Layout`` is
 frozen. Each section reports its own problems as messages that name the field, the value
 and what is allowed; ``launch.config.validate`` adds the cross-section rules. The cluster,
-logging and resilience sections live in their own modules and are re-exported here.
+logging and resilience sections, and the run folder's file names, live in their own modules and
+are re-exported here.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Optional
 
 from launch.cluster_schema import ClusterConfig
 from launch.problems import choice_problem, positive_problem
+from launch.run_folder import (ALERTS_SENT, EXIT_TRANSIENT, FAILURES, NO_RESTART,  # noqa: F401
+                               REQUEUE_REQUEST, RUN_CONFIG)
 from launch.watch_schema import LoggingConfig, ResilienceConfig
 
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
@@ -25,28 +28,6 @@ RECOMPUTE = ("none", "selective", "full")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 DATA_KINDS = ("synthetic", "indexed")
 NAN_ACTIONS = ("stop", "skip")
-RUN_CONFIG = "config.yaml"
-"""File in ``run_dir``: the resolved config every rank (and ``megatron_ext.job_end``) reads."""
-ALERTS_SENT = "alerts-sent"
-"""Folder in ``run_dir`` where the first rank to send a job-wide alert (a failure, a hang) of a
-job attempt claims it, so 256 ranks hitting the same failure post one alert; cleared for each
-attempt by the launcher and the batch script."""
-REQUEUE_REQUEST = "requeue-request"
-"""File in ``run_dir`` rank 0 creates after saving on the pre-timeout signal; the batch script
-then requeues the job. A file, not an exit code: ranks exit 0 so that ``srun
---kill-on-bad-exit`` never cuts a peer's clean exit short."""
-NO_RESTART = "no-restart"
-"""File in ``run_dir`` a rank creates, with the reason, when it stops on a failure that would
-repeat on a rerun from the same checkpoint (NaN stop, corrupt checkpoint, rejected config, out
-of memory): the batch script then never requeues the job. A file, because ``srun`` reports the
-exit of a peer it killed, not the first failure's."""
-EXIT_TRANSIENT = 75
-"""A rank's exit status for a failure a restart may cure (EX_TEMPFAIL): the watchdog's hang, a
-collective that timed out or lost its peer. The batch script requeues it, up to
-``cluster.max_restarts`` times."""
-FAILURES = "failures"
-"""File in ``run_dir``: how many attempts of this launch failed and were requeued (the batch
-script's count for ``cluster.max_restarts``; time-limit requeues are not failures)."""
 
 
 @dataclass
@@ -83,7 +64,8 @@ class ModelConfig:
         out = choice_problem("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
         out += choice_problem("model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                     "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
+                     "ffn_hidden_size", "vocab_size", "max_position_embeddings",
+                     "make_vocab_size_divisible_by"):
             out += positive_problem(f"model.{name}", getattr(self, name))
         if self.rope_scaling_factor < 0:
             out.append(f"model.rope_scaling_factor={self.rope_scaling_factor} must be >= 0 "
@@ -96,6 +78,30 @@ class ModelConfig:
         if self.num_attention_heads % self.num_query_groups:
             out.append(f"model.num_query_groups={self.num_query_groups} must divide "
                        f"model.num_attention_heads={self.num_attention_heads}")
+        return out
+
+    def tensor_parallel_problems(self, tp: int, field: str = "parallel.tp") -> list[str]:
+        """What megatron-core's tensor-parallel layers split ``tp`` ways: the attention heads
+        (``TransformerConfig``), the fused QKV projection and the MLP width (``linear_qkv``,
+        ``linear_fc2``); KV groups split ``tp`` ways or, fewer than ``tp``, are replicated
+        (``Attention``: then ``tp`` must be a multiple of them). ``field`` names the TP size."""
+        out = []
+        if self.num_attention_heads % tp:
+            out.append(f"{field}={tp} must divide model.num_attention_heads="
+                       f"{self.num_attention_heads}")
+        if self.num_query_groups % tp and tp % self.num_query_groups:
+            out.append(f"{field}={tp} must divide model.num_query_groups="
+                       f"{self.num_query_groups} or be a multiple of it (megatron replicates "
+                       "KV heads over the TP ranks)")
+        qkv = (self.num_attention_heads + 2 * self.num_query_groups) * (
+            self.hidden_size // self.num_attention_heads)
+        if not out and qkv % tp:  # KV replicated: the fused QKV projection is split as a whole
+            out.append(f"{field}={tp} must divide the fused QKV width (model.num_attention_heads"
+                       f" + 2*model.num_query_groups) * head width = {qkv}")
+        if self.ffn_hidden_size % tp:
+            out.append(f"{field}={tp} must divide model.ffn_hidden_size="
+                       f"{self.ffn_hidden_size} (the MLP's projections are split over the TP "
+                       "ranks)")
         return out
 
 
@@ -372,3 +378,9 @@ class Layout:
     def describe(self) -> str:
         return (f"TP={self.tp} PP={self.pp} VPP={self.vpp} CP={self.cp} DP={self.dp} "
                 f"SP={'on' if self.sp else 'off'}")
+
+
+def runs_local_spec(cfg: RunConfig) -> bool:
+    """Whether the ranks build megatron's local (plain torch) layer spec rather than Transformer
+    Engine's: asked for, or CPU ranks (as ``megatron_ext.model.uses_transformer_engine``)."""
+    return cfg.model.transformer_impl == "local" or cfg.cluster.cpu_ranks

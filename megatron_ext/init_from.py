@@ -14,18 +14,49 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.models.gpt import GPTModel
 
+from launch.planning.flops import padded_vocab_size
 from launch.schema import ModelConfig
 from megatron_ext import commit
 from megatron_ext.checkpoint import shard_problems
 from megatron_ext.ckpt_files import listing
 from megatron_ext.hf_llama import PADDED_ROWS, WeightSource, model_problems
 from megatron_ext.model import weight_shards
-from megatron_ext.weights import open_weights
+from megatron_ext.weights import TrainingCheckpoint, open_weights
 
 
 def has_checkpoint(checkpoint_dir: str) -> bool:
     """A committed checkpoint exists, so the run resumes from it instead of ``init_from``."""
     return bool(commit.committed_steps(listing(Path(checkpoint_dir))))
+
+
+def vocab_rows(checkpoint_dir: str, model: ModelConfig, tp: int) -> int:
+    """Embedding rows to build: those of the newest committed checkpoint, which the run resumes
+    from, else megatron's padding for ``tp``.
+
+    A resume keeps the padding it was saved with: the padding rows' logits take part in
+    megatron's softmax, so a TP that pads differently (vocab 600: 640 rows at TP=1, 768 at TP=2)
+    adds logits the run never had. Measured (tests/integration/test_checkpoint.py): a tiny model
+    saved at TP=1 step 3 and resumed at TP=2 with 768 rows had loss 5.756 at step 4 instead of
+    the TP=1 run's 5.578; with the saved 640 rows, equal to 1e-4. Every rank reads the same small
+    metadata file; one that cannot be read is skipped, as the resume falls back past it.
+    """
+    for step in commit.load_order(listing(Path(checkpoint_dir))):
+        saved = Path(checkpoint_dir) / commit.step_dir(step)
+        try:
+            rows = TrainingCheckpoint(saved).rows(PADDED_ROWS[0])
+        except Exception:  # corrupt metadata: Checkpointer.load_latest reports and skips it
+            continue
+        return _divided_rows(rows, tp, saved, model)
+    return padded_vocab_size(model, tp)
+
+
+def _divided_rows(rows: int, tp: int, saved: Path, model: ModelConfig) -> int:
+    """``rows``, which megatron's vocab-parallel embedding and output layer split ``tp`` ways."""
+    if rows % tp:
+        raise ValueError(f"parallel.tp={tp} must divide the {rows} embedding rows of {saved} "
+                         f"(model.vocab_size={model.vocab_size} padded as it was saved), "
+                         "which a resume keeps; choose a parallel.tp that divides them")
+    return rows
 
 
 def storage_key(shard: ShardedTensor) -> str:

@@ -29,7 +29,7 @@ from megatron_ext.deadline import TimeBudget
 from megatron_ext.data import BatchPlan, build_train_dataset, microbatches
 from megatron_ext.env import RunEnv
 from megatron_ext.exits import caused_by_a_peer, refuse_restart, transient
-from megatron_ext.init_from import has_checkpoint, load_pretrained
+from megatron_ext.init_from import has_checkpoint, load_pretrained, vocab_rows
 from megatron_ext.model import build_model, init_layout_independent
 from megatron_ext.optim import build_optimizer, wrap_ddp
 from megatron_ext.reporting import StepReporter
@@ -77,7 +77,8 @@ def build(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Al
     t, run_dir = cfg.train, Path(cfg.run_dir)
     parallel.init(layout, env, seed=t.seed, timeout_s=cfg.resilience.collective_timeout_s,
                   use_gpu=use_gpu)
-    chunks, config = build_model(cfg.model, t, layout, use_gpu)
+    chunks, config = build_model(cfg.model, t, layout, use_gpu,
+                                 vocab_rows(cfg.checkpoint.dir, cfg.model, layout.tp))
     if t.reproducible_init:
         init_layout_independent(chunks, cfg.model, t.seed)
     if t.init_from and not has_checkpoint(cfg.checkpoint.dir):  # CPT start; a resume wins

@@ -92,6 +92,10 @@ class TrainingCheckpoint:
         self._reader = CachedMetadataFileSystemReader(str(folder))
         self._stored = self._reader.read_metadata().state_dict_metadata
 
+    def rows(self, key: str) -> int:
+        """Rows of a stored tensor as saved: for the embedding, the padded vocabulary."""
+        return int(self._stored[key].size[0])
+
     def tensor(self, key: str) -> torch.Tensor:
         stored, layer = key, ()
         if key.startswith(LAYER_PREFIX):  # decoder.layers.<i>.<rest>: block i of the stack

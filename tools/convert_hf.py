@@ -35,15 +35,13 @@ from megatron_ext.hf_llama import (
     to_hf,
 )
 from megatron_ext.weights import TrainingCheckpoint, open_weights
+from launch.schema import ModelConfig
 from launch.tokenizer import load_tokenizer, tokenizer_file
 
 
 def layout_problems(model: dict[str, Any], tp: int, pp: int) -> list[str]:
     """Why these weights cannot be split over ``tp`` x ``pp`` (megatron's divisibility rules)."""
-    out = []
-    if model["num_attention_heads"] % tp or model["num_query_groups"] % tp:
-        out.append(f"--tp={tp} must divide num_attention_heads={model['num_attention_heads']} "
-                   f"and num_query_groups={model['num_query_groups']}")
+    out = ModelConfig(**model).tensor_parallel_problems(tp, field="--tp")
     if model["num_layers"] % pp:
         out.append(f"--pp={pp} must divide num_layers={model['num_layers']}")
     return out

@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Collection, Iterator, Mapping, Optional
 
-from launch.schema import RECOMPUTE, ClusterConfig, Layout, RunConfig
+from launch.schema import RECOMPUTE, ClusterConfig, Layout, RunConfig, runs_local_spec
 from launch.planning.flops import GPU_PEAK_BF16_TFLOPS, flops_per_token, kv_channels
 from launch.planning.memory import activation_element_bytes, predict, predict_all, stage_params
 
-MICRO_BATCH_SIZES = (1, 2, 4, 8)
 SEARCHED = ("parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp", "parallel.dp",
             "parallel.sp", "train.micro_batch_size", "train.recompute")
 """What the planner chooses, unless the command line gives it (``pinned``)."""
@@ -142,11 +141,12 @@ def candidate_layouts(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) 
     """Every layout ``launch.config.validate`` accepts for this model and cluster, and that
     keeps the ``pins``.
 
-    TP within a node and dividing heads and query groups; PP * VPP dividing the layers; CP with
-    the sequence divisible by 2 CP (and, with SP, seq / CP by TP), where Transformer Engine's
+    TP dividing a node's GPUs, the heads and the MLP width, and dividing the query groups or a
+    multiple of them (``ModelConfig.tensor_parallel_problems``); PP * VPP dividing the layers; CP
+    with the sequence divisible by 2 CP (and, with SP, seq / CP by TP), where Transformer Engine's
     fused or flash attention runs it; DP = world / (TP PP CP); SP, unless pinned, on whenever
-    TP > 1 and the Transformer Engine spec is used (it only saves memory). Batch rules are per
-    micro-batch.
+    TP > 1 and the Transformer Engine spec is used (it only saves memory; ``runs_local_spec``).
+    Batch rules are per micro-batch.
     """
     m, world, s = cfg.model, cfg.cluster.world_size, cfg.train.seq_length
     cp_runs = m.transformer_impl == "transformer_engine" and m.attention_backend != "unfused"
@@ -154,12 +154,12 @@ def candidate_layouts(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) 
     def kept(name: str, value: int) -> bool:
         return pins.get(name, value) == value
 
+    local_spec = runs_local_spec(cfg)
     for tp in _divisors(min(cfg.cluster.gpus_per_node, world)):
-        if (world % tp or m.num_attention_heads % tp or m.num_query_groups % tp
-                or not kept("tp", tp)):
+        if world % tp or m.tensor_parallel_problems(tp) or not kept("tp", tp):
             continue
-        sp = pins.get("sp", tp > 1 and m.transformer_impl == "transformer_engine")
-        if sp and (tp == 1 or m.transformer_impl == "local" or s % tp):
+        sp = pins.get("sp", tp > 1 and not local_spec)
+        if sp and (tp == 1 or local_spec or s % tp):
             continue
         for pp in _divisors(world // tp):
             if m.num_layers % pp or not kept("pp", pp):
@@ -180,7 +180,8 @@ def settings(cfg: RunConfig, layout: Layout,
     """The (micro_batch_size, recompute) pairs to try on ``layout``: the pinned values, or every
     size the global batch splits into and every mode. Full recomputation needs its groups of
     ``train.recompute_num_layers`` to tile each model chunk (megatron's uniform method)."""
-    sizes = [pins["micro_batch_size"]] if "micro_batch_size" in pins else MICRO_BATCH_SIZES
+    sizes = ([pins["micro_batch_size"]] if "micro_batch_size" in pins
+             else _divisors(cfg.train.global_batch_size))
     modes = [pins["recompute"]] if "recompute" in pins else RECOMPUTE
     chunk = cfg.model.num_layers // (layout.pp * layout.vpp)
     return [(b, r) for b in sizes if micro_batches(cfg, layout, b) is not None for r in modes

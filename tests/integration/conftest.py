@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from launch.config import compose, to_run_config, to_yaml
 from tests.conftest import REPO
 from tests.unit.megatron_forward import free_port
 
@@ -23,6 +24,15 @@ def torchrun_argv(*entry: str) -> list[str]:
     """Two local ranks under torchrun (``entry``: ``-m module`` or a script, then its args)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
             f"--master-port={free_port()}", *entry]
+
+
+def rank_config(run_dir: Path, *overrides: str) -> Path:
+    """A run folder's ``config.yaml`` written straight from the overrides, for starting the ranks
+    by hand (``torchrun_argv("-m", "megatron_ext.train", ...)``) without the launcher's checks."""
+    run_dir.mkdir(parents=True)
+    path = run_dir / "config.yaml"
+    path.write_text(to_yaml(to_run_config(compose(list(overrides), run_dir=str(run_dir)))))
+    return path
 
 
 def read_metrics(workdir: Path, name: str) -> list[dict]:

@@ -22,13 +22,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launch.config import compose, to_run_config, to_yaml
 from launch.schema import REQUEUE_REQUEST
 from megatron_ext import commit
 from megatron_ext.ckpt_files import listing
 from megatron_ext.replicate import S3Replicator, s3_client
 from tests.conftest import REPO, run_launch
-from tests.integration.conftest import read_metrics, torchrun_argv
+from tests.integration.conftest import rank_config, read_metrics, torchrun_argv
 from tests.s3_server import aws_env, s3_endpoint
 
 pytestmark = pytest.mark.slow
@@ -39,12 +38,7 @@ TRAIN = ["data=synthetic", f"train.steps={STEPS}", "train.warmup_steps=2", "trai
 
 
 def _config(run_dir: Path, ckpt_dir: Path, *overrides: str) -> Path:
-    run_dir.mkdir(parents=True)
-    cfg = to_run_config(compose([*TRAIN, f"checkpoint.dir={ckpt_dir}", *overrides],
-                                run_dir=str(run_dir)))
-    path = run_dir / "config.yaml"
-    path.write_text(to_yaml(cfg))
-    return path
+    return rank_config(run_dir, *TRAIN, f"checkpoint.dir={ckpt_dir}", *overrides)
 
 
 def _torchrun_argv(config: Path) -> list[str]:
@@ -215,6 +209,22 @@ def test_a_fully_reshardable_checkpoint_loads_into_another_layout(reference, tmp
     assert "model and optimizer resharded" in result.stdout
     resumed, expected = _losses(tmp_path / "run"), _after(ref_losses, 4)
     assert sorted(resumed) == sorted(expected)
+    assert list(resumed.values()) == pytest.approx(list(expected.values()), rel=1e-4)
+
+
+def test_a_tp_change_keeps_the_vocabulary_padding_it_was_saved_with(tmp_path):
+    """Vocabulary 600 pads to 640 rows at TP=1 and 768 at TP=2; the padding rows' logits enter
+    megatron's softmax, so the TP=2 resume builds the saved 640 rows and trains on exactly."""
+    run = ("model.vocab_size=600", "checkpoint.optimizer_format=fully_reshardable",
+           "train.steps=6", "checkpoint.save_interval=3")
+    saved = _torchrun(_config(tmp_path / "save", tmp_path / "ckpt", *run))
+    assert saved.returncode == 0, saved.stdout[-3000:] + saved.stderr[-3000:]
+    shutil.rmtree(tmp_path / "ckpt" / commit.step_dir(6))
+    result = _torchrun(_config(tmp_path / "run", tmp_path / "ckpt", *run, "parallel=tp2"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "model and optimizer resharded" in result.stdout
+    resumed, expected = _losses(tmp_path / "run"), _after(_losses(tmp_path / "save"), 3)
+    assert sorted(resumed) == [4, 5, 6] == sorted(expected)
     assert list(resumed.values()) == pytest.approx(list(expected.values()), rel=1e-4)
 
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_launch
-from tests.integration.conftest import read_metrics
+from tests.integration.conftest import rank_config, read_metrics, torchrun_argv
 
 pytestmark = pytest.mark.slow
 
@@ -53,3 +55,20 @@ def test_recomputation_on_cpu_ranks_is_refused_up_front(workdir: Path) -> None:
                         "train.warmup_steps=1", cwd=workdir)
     assert result.returncode != 0
     assert "train.recompute=full needs GPU ranks" in result.stdout + result.stderr
+
+
+def test_sequence_parallelism_refused_on_cpu_is_what_the_local_spec_ranks_refuse(
+        workdir: Path, tmp_path: Path) -> None:
+    """The login node refuses it on this GPU-less machine; started by hand, the CPU ranks die
+    in megatron's local-spec norm, so the refusal saves a queue wait, not a runnable job."""
+    layout = ("parallel=tp2", "parallel.sp=true", "data=synthetic", "train.steps=2",
+              "train.warmup_steps=1")
+    refused = run_launch("name=sp-cpu", *layout, cwd=workdir, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert refused.returncode == 2 and "parallel.sp=true needs the Transformer Engine spec" \
+        in refused.stderr, refused.stderr
+    config = rank_config(tmp_path / "run", *layout, f"checkpoint.dir={tmp_path / 'ckpt'}")
+    ranks = subprocess.run(torchrun_argv("-m", "megatron_ext.train", str(config)),
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert ranks.returncode != 0
+    assert "sequence parallel not supported by torch LayerNorm" in ranks.stdout + ranks.stderr

@@ -45,6 +45,15 @@ BAD_CONFIGS = [
     (["checkpoint.on_corrupt=ignore"], "checkpoint.on_corrupt='ignore'"),
     (["resilience.spikes.grad_norm_factor=1"], "resilience.spikes.grad_norm_factor=1"),
     (["resilience.straggler.consecutive_reports=0"], "resilience.straggler.consecutive_reports"),
+    (["parallel=tp2", "model.ffn_hidden_size=351"], "parallel.tp=2 must divide "
+     "model.ffn_hidden_size=351"),
+    (["cluster=slurm", "cluster.nodes=3", "cluster.gpus_per_node=8", "parallel.tp=6",
+      "model.hidden_size=192", "model.num_attention_heads=12", "model.num_query_groups=6",
+      "model.ffn_hidden_size=384"], "parallel.tp=6 must divide cluster.gpus_per_node=8"),
+    (["cluster.gpus_per_node=4", "parallel.tp=4", "model.num_attention_heads=12",
+      "model.num_query_groups=6", "model.hidden_size=96"], "parallel.tp=4 must divide "
+     "model.num_query_groups=6 or be a multiple of it"),
+    (["model.make_vocab_size_divisible_by=0"], "model.make_vocab_size_divisible_by=0 must be > 0"),
 ]
 
 
@@ -61,6 +70,23 @@ def test_context_parallel_is_accepted_where_it_runs() -> None:
                                 "parallel.tp=8",
                                 "parallel.cp=2", "parallel.sp=true", "parallel.pp=1",
                                 "parallel.dp=2")) == []
+
+
+def test_kv_heads_fewer_than_tp_ranks_are_replicated_not_refused() -> None:
+    """megatron-core's Attention replicates KV heads when TP is a multiple of them."""
+    assert validate(make_config("parallel.tp=2", "model.num_query_groups=1")) == []
+
+
+@pytest.mark.parametrize("layout", [("parallel=tp2", "parallel.sp=true"), ("parallel=tp2_overlap",)])
+def test_sequence_parallelism_is_refused_where_ranks_run_the_local_spec(
+        layout: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local ranks on a machine without a GPU build the local spec, whose torch norm asserts
+    on sequence parallelism; a GPU cluster builds Transformer Engine's."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    problems = validate(make_config(*layout))
+    assert len(problems) == 1 and "cluster.kind=local" in problems[0], problems
+    assert problems[0].startswith("parallel.sp=true needs the Transformer Engine spec")
+    assert validate(make_config(*layout, "cluster=slurm")) == []
 
 
 def test_default_config_is_valid_and_uses_two_ranks() -> None:

@@ -75,8 +75,8 @@ def test_round_trip_hf_megatron_hf_is_exact(tmp_path: Path, tied: bool) -> None:
 
 def test_import_cli_checks_the_layout_and_prints_overrides(hf_dir: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture) -> None:
-    assert main(["import", "--hf", str(hf_dir), "--out", str(tmp_path / "x"), "--tp", "4"]) == 1
-    assert "--tp=4 must divide" in capsys.readouterr().err
+    assert main(["import", "--hf", str(hf_dir), "--out", str(tmp_path / "x"), "--tp", "3"]) == 1
+    assert "--tp=3 must divide model.num_attention_heads=4" in capsys.readouterr().err
     assert main(["import", "--hf", str(hf_dir), "--out", str(tmp_path / "m"), "--tp", "2",
                  "--pp", "2"]) == 0
     assert "model.num_query_groups=2" in capsys.readouterr().out
@@ -128,6 +128,17 @@ def test_rope_scaling_megatron_cannot_express_is_refused(tmp_path: Path) -> None
             "original_max_position_embeddings": 256}
     with pytest.raises(ValueError, match=r"rope_scaling.rope_type='yarn' is not supported"):
         open_weights(tiny_llama(tmp_path / "yarn", rope_parameters=yarn))
+
+
+@pytest.mark.slow  # two spawned ranks
+def test_fewer_kv_heads_than_tp_ranks_give_transformers_logits(tmp_path: Path) -> None:
+    """megatron replicates the one KV head over TP=2 (validate used to refuse this layout)."""
+    hf = tiny_llama(tmp_path / "hf", num_key_value_heads=1)
+    assert layout_problems(open_weights(hf).model, 2, 1) == []
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 24),
+                           generator=torch.Generator().manual_seed(3))
+    logits = _logits(hf, tokens, tmp_path, tp=2)[..., :TINY["vocab_size"]]
+    torch.testing.assert_close(logits, _reference(hf, tokens), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("tp,source", [(1, "hf"), (2, "converted")])

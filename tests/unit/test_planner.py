@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from launch.config import validate
+from launch.config import validate, with_values
 from launch.schema import Layout
 from launch.config import explicit_keys
 from tests.conftest import REPO, make_config, run_launch
@@ -25,6 +25,7 @@ from launch.planning.planner import (
     pinned,
     plan,
     search,
+    settings,
     step_time,
 )
 
@@ -51,10 +52,13 @@ def test_every_planned_layout_passes_launch_validation(cfg_70b, planned_70b) -> 
         assert validate(chosen, c.layout) == [], c
 
 
-@pytest.mark.parametrize("extra", [(), ("train.seq_length=8",), ("model.attention_backend=unfused",)],
-                         ids=["default", "sp-splits-seq-per-cp", "no-cp-backend"])
+@pytest.mark.parametrize("extra", [(), ("train.seq_length=8",), ("model.attention_backend=unfused",),
+                                   ("model.ffn_hidden_size=14338",), ("model.num_query_groups=2",)],
+                         ids=["default", "sp-splits-seq-per-cp", "no-cp-backend", "ffn-only-tp2",
+                              "kv-heads-fewer-than-tp"])
 def test_candidates_are_exactly_the_layouts_validate_accepts(extra) -> None:
-    """Brute force over every size combination on 16 GPUs, with micro_batch_size fixed."""
+    """Brute force over every size combination on 16 GPUs, with micro_batch_size fixed; an MLP
+    width only TP=2 splits, and KV heads fewer than TP=4 or 8 (megatron replicates them)."""
     cfg = make_config("model=llama3_8b", *SLURM, "cluster.nodes=2", "train.micro_batch_size=2",
                       *extra)
     planned = {layout for layout in candidate_layouts(cfg)
@@ -70,6 +74,15 @@ def test_candidates_are_exactly_the_layouts_validate_accepts(extra) -> None:
         if not validate(dataclasses.replace(cfg, parallel=parallel), layout):
             accepted.add(layout)
     assert planned == accepted
+
+
+def test_every_micro_batch_size_validate_accepts_is_tried() -> None:
+    cfg = make_config("train.global_batch_size=24")
+    layout = Layout(tp=1, pp=1, cp=1, dp=2)
+    tried = {b for b, _ in settings(cfg, layout)}
+    accepted = {b for b in range(1, 25)
+                if not validate(with_values(cfg, **{"train.micro_batch_size": b}), layout)}
+    assert tried == accepted == {1, 2, 3, 4, 6, 12}
 
 
 @pytest.mark.parametrize("overrides", [
