@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -101,6 +102,13 @@ def render(kind: str, text: str, *, run_name: str, rank: int, hostname: str,
 def claims_dir(cfg: RunConfig) -> Path:
     """Where a run's ``ONCE_PER_JOB`` alerts are claimed, shared by its ranks and launcher."""
     return Path(cfg.run_dir) / ALERTS_SENT
+
+
+def clear_claims(cfg: RunConfig) -> None:
+    """A new attempt of the job alerts afresh. Rank 0 calls this before the rendezvous, so no
+    peer can have claimed yet: HyperPod's ``srun --auto-resume`` retries the step without the
+    batch script, whose set-up (and the local launcher's) clears the claims otherwise."""
+    shutil.rmtree(claims_dir(cfg), ignore_errors=True)
 
 
 def first_to_claim(claim: Path, who: str) -> Optional[str]:

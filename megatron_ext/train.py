@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.set_num_threads(cfg.cluster.cpus_per_task)  # ranks share the cores; don't oversubscribe
     alerts = Alerts.from_config(cfg, rank=env.rank)
+    if env.rank == 0:
+        alert_kinds.clear_claims(cfg)
     with contextlib.nullcontext() if use_gpu else cpu_mode():
         try:
             train(cfg, env, derive_layout(cfg), use_gpu, alerts)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from launch.prepare import write_run_dir
+from launch.schema import ALERTS_SENT
 from tests.conftest import REPO, make_config
 from tests.integration.conftest import torchrun_argv
 from tests.slack_receiver import Receiver
@@ -128,3 +129,24 @@ def test_a_loss_and_gradient_spike_is_alerted_and_training_goes_on(tmp_path, rec
     assert len(spikes) == 1, receiver.posts  # loss and grad norm: one kind, rate-limited
     assert "loss " in spikes[0] and "at step 12" in spikes[0] and "x the median" in spikes[0]
     assert "spike: grad norm" in log and "at step 12" in log
+
+
+def test_a_retried_step_alerts_afresh(tmp_path, receiver):
+    """HyperPod's --auto-resume reruns the srun step, not the batch script that clears the
+    claims: the first attempt's claim silenced every later failure of the job."""
+    cfg = make_config("data=synthetic", "train.steps=3", "train.warmup_steps=1",
+                      "train.global_batch_size=16", "train.micro_batch_size=4",
+                      "logging.slack.enabled=true", "resilience.straggler.enabled=false",
+                      "checkpoint.save_interval=0", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                      run_dir=str(tmp_path / "run"))
+    config = write_run_dir(cfg)
+    (tmp_path / "run" / ALERTS_SENT).mkdir()
+    (tmp_path / "run" / ALERTS_SENT / "nan_loss").write_text("rank 0 on the first attempt")
+    job = subprocess.run(torchrun_argv(str(REPO / "tests/integration/faulty_rank.py"), str(config),
+                                       "nan", str(MICRO_BATCHES), "2"),
+                         env={**os.environ, "SLACK_WEBHOOK_URL": receiver.url,
+                              "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=300)
+    assert job.returncode != 0
+    stops = _nan_alerts(receiver)
+    assert len(stops) == 1 and "at step 2" in stops[0], receiver.posts
