@@ -41,9 +41,13 @@ def test_tp_pp_and_dp_layouts_give_the_same_loss_curve(workdir: Path) -> None:
 
 
 def test_a_failing_rank_fails_the_launch(workdir: Path) -> None:
-    """A rank that cannot start (missing dataset) ends the job with a non-zero exit."""
+    """A rank that cannot start (a dataset whose files exist, so the login node's check passes,
+    but hold no index) ends the job with a non-zero exit."""
+    for suffix in (".bin", ".idx"):
+        (workdir / "broken").mkdir(exist_ok=True)
+        (workdir / "broken" / f"nothing{suffix}").write_bytes(b"")
     result = run_launch("name=broken", "data.prepare_demo=false",
-                        "data.sources=[{path: missing/nothing, weight: 1.0}]", cwd=workdir,
+                        "data.sources=[{path: broken/nothing, weight: 1.0}]", cwd=workdir,
                         timeout=300)
     assert result.returncode != 0
     assert "failed" in result.stderr
