@@ -195,7 +195,7 @@ def test_the_ranks_save_and_requeue_before_the_time_limit(slurm: Path, workdir: 
     margin no longer fit, save, and the job is requeued; every step runs exactly once and no
     attempt reaches its limit. A fixed 120 s lead on this limit stops every attempt after a
     step or two (and a USR1 that beats the ranks' handler kills them)."""
-    steps = 14
+    steps = 18  # 180 s of steps alone outlast the 3-minute limit: never one attempt
     job_id, run_dir = launch(workdir, "name=slurm-limit", f"train.steps={steps}",
                              "train.warmup_steps=1", "train.global_batch_size=2",
                              "train.micro_batch_size=1", "checkpoint.save_interval=1000",
