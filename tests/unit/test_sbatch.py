@@ -210,27 +210,6 @@ def test_local_parameters_are_unchanged_and_shared_paths_are_checked() -> None:
     assert [p.split("=")[0] for p in shared_fs_problems(cfg)] == ["run_dir", "checkpoint.dir"]
 
 
-def _healthcheck(tmp_path: Path, smi_output: str) -> subprocess.CompletedProcess:
-    smi = tmp_path / "nvidia-smi"
-    smi.write_text(f"#!/bin/bash\ncat <<'EOF'\n{smi_output}EOF\n")  # as --format=csv,noheader
-    smi.chmod(0o755)
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
-    return subprocess.run(["bash", str(REPO / "slurm" / "healthcheck.sh"), "2", "80"], env=env,
-                          capture_output=True, text=True)
-
-
-def test_healthcheck_names_the_node_and_the_fault(tmp_path: Path) -> None:
-    node = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
-    assert _healthcheck(tmp_path, "0, 81559, 0\n1, 81559, 0\n").returncode == 0
-    missing = _healthcheck(tmp_path, "0, 81559, 0\n")
-    assert missing.returncode == 1
-    assert f"healthcheck FAILED on {node}: 1 GPUs visible, expected 2" in missing.stderr
-    ecc = _healthcheck(tmp_path, "0, 81559, 0\n1, 81559, 3\n")
-    assert "GPU 1 has 3 uncorrected ECC errors" in ecc.stderr
-    small = _healthcheck(tmp_path, "0, 40960, 0\n1, 81559, 0\n")
-    assert "GPU 0 has 40960 MiB" in small.stderr
-
-
 @pytest.mark.parametrize("interconnect", ["none", "efa"])
 def test_the_environment_megatron_relies_on_is_set_and_a_user_value_wins(
         interconnect: str) -> None:
