@@ -114,6 +114,18 @@ class ClusterConfig:
     the job is given up, with an alert; a deterministic failure (NaN stop, a corrupt checkpoint
     with ``checkpoint.on_corrupt=error``, a rejected config, out of memory) is never requeued.
     Requeues for the time limit do not count."""
+    node_hour_price: float = 0.0
+    """What one node costs per hour, in your currency, for ``tools.schedule``'s cost column; 0:
+    not known (no cost printed). No built-in prices: on-demand, reserved and capacity-block
+    rates differ by region and contract."""
+    node_mtbf_hours: float = 6300.0
+    """Mean hours between job-interrupting failures of one node, for ``tools.schedule``. Default
+    from Llama 3's pre-training (Meta, "The Llama 3 Herd of Models", 2024, sec. 3.3.4): 419
+    unexpected interruptions in 54 days on 16,384 H100s (2,048 nodes): 54 x 24 x 2,048 / 419."""
+    restart_time_s: float = 900.0
+    """Seconds from a failure to training again (detection by the collective timeout, requeue,
+    node replacement, startup, checkpoint load), for ``tools.schedule``. An assumption (about 15
+    min): measure a requeue on your cluster and set it."""
     healthcheck: bool = True
     """Run slurm/healthcheck.sh on every node before training (a no-op without nvidia-smi)."""
 
@@ -138,8 +150,10 @@ class ClusterConfig:
                        "what Slurm registered for the partition's nodes)")
         out += positive_problem("cluster.gpu_memory_gib", self.gpu_memory_gib)
         out += positive_problem("cluster.storage_write_gbs", self.storage_write_gbs)
+        out += positive_problem("cluster.node_mtbf_hours", self.node_mtbf_hours)
         out += [f"cluster.{name}={getattr(self, name)} must be >= 0"
-                for name in ("step_time_s", "save_time_s", "time_limit_margin_s", "max_restarts")
+                for name in ("step_time_s", "save_time_s", "time_limit_margin_s", "max_restarts",
+                             "node_hour_price", "restart_time_s")
                 if getattr(self, name) < 0]
         if self.debug and (self.kind != "local" or self.world_size != 1):
             out.append("cluster.debug=true runs one rank in the foreground: it needs "

@@ -153,6 +153,9 @@ class ParallelConfig:
 @dataclass
 class TrainConfig:
     steps: int = 300
+    tokens: int = 0
+    """Tokens the whole campaign trains on, for ``tools.schedule`` (its steps are tokens /
+    (global_batch_size x seq_length)); 0: not planned. Training itself runs ``steps``."""
     global_batch_size: int = 16
     micro_batch_size: int = 4
     seq_length: int = 128
@@ -190,6 +193,8 @@ class TrainConfig:
         for name in ("steps", "global_batch_size", "micro_batch_size", "seq_length", "lr",
                      "log_interval", "recompute_num_layers"):
             out += positive_problem(f"train.{name}", getattr(self, name))
+        if self.tokens < 0:
+            out.append(f"train.tokens={self.tokens} must be >= 0 (0: no campaign planned)")
         if self.min_lr < 0 or self.min_lr > self.lr:
             out.append(f"train.min_lr={self.min_lr} must be between 0 and train.lr={self.lr}")
         if not 0 <= self.warmup_steps < self.steps:

@@ -34,27 +34,28 @@ def load_config(args: list[str], *, auto_ok: bool,
         sys.exit(0)
     unknown = [a for a in args if a.startswith("-") and a != "--json"]
     if unknown:
-        _exit([f"error: unknown option {unknown[0]}; the options are --json and --help"])
+        refuse([f"error: unknown option {unknown[0]}; the options are --json and --help"])
     as_json = "--json" in args
     overrides = [a for a in args if a != "--json"]
     try:
         cfg = to_run_config(compose(overrides))
         explicit = explicit_keys(overrides)
     except (HydraException, OmegaConfBaseException) as err:
-        _exit([one_line_error(err)])
+        refuse([one_line_error(err)])
     layout_given = any(key.startswith("parallel.") for key in explicit)
     if cfg.parallel.auto and not auto_ok and not layout_given:
-        _exit(["error: parallel.auto=true: the memory predictor needs an explicit layout "
+        refuse(["error: parallel.auto=true: the memory predictor needs an explicit layout "
                "(e.g. parallel.tp=8 parallel.pp=4); python -m tools.planner picks one"])
     if auto_ok or layout_given:  # the planner always plans; the predictor takes what is given
         cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, auto=auto_ok))
     problems = validate(cfg)
     if problems:
-        _exit([f"error: {p}" for p in problems])
+        refuse([f"error: {p}" for p in problems])
     return cfg, as_json, explicit
 
 
-def _exit(lines: list[str]) -> None:
+def refuse(lines: list[str]) -> None:
+    """Print one line per problem on stderr and exit 2, before anything runs."""
     print("\n".join(lines), file=sys.stderr)
     sys.exit(2)
 

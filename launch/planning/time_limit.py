@@ -22,15 +22,17 @@ _GB = 1e9
 _GIB = 2 ** 30
 
 
-def save_time_s(cfg: RunConfig, layout: Layout) -> float:
-    """Seconds one node takes to write its share of a checkpoint at ``storage_write_gbs``.
-
-    A rank writes its optimizer shard and, the fully parallel save spreading replicated tensors
-    over the data-parallel ranks, 1/DP of its stage's weights (memory.py's per-GPU terms).
-    """
+def rank_checkpoint_gb(cfg: RunConfig, layout: Layout) -> float:
+    """GB one rank writes per checkpoint: its optimizer shard and, the fully parallel save
+    spreading replicated tensors over the data-parallel ranks, 1/DP of its stage's weights
+    (memory.py's per-GPU terms)."""
     memory = predict(cfg, layout)
-    per_rank_gib = memory.weights_gib / layout.dp + memory.optimizer_gib
-    per_node_gb = per_rank_gib * _GIB / _GB * cfg.cluster.gpus_per_node
+    return (memory.weights_gib / layout.dp + memory.optimizer_gib) * _GIB / _GB
+
+
+def save_time_s(cfg: RunConfig, layout: Layout) -> float:
+    """Seconds one node takes to write its share of a checkpoint at ``storage_write_gbs``."""
+    per_node_gb = rank_checkpoint_gb(cfg, layout) * cfg.cluster.gpus_per_node
     return per_node_gb / cfg.cluster.storage_write_gbs
 
 
