@@ -91,11 +91,13 @@ def checkpoint_interval_s(cfg: RunConfig, step_s: float, compute_s: float) -> fl
 
 def campaign(cfg: RunConfig, best: PlannedLayout) -> Campaign:
     """The schedule of ``train.tokens`` on ``cfg.cluster`` with layout ``best`` (module
-    docstring). Failures that come faster than the work they lose make W infinite (goodput 0)."""
+    docstring), at ``cluster.step_time_s`` when measured, else the planner's step time. Failures that come faster than the work they lose make W infinite (goodput 0)."""
     c = cfg.cluster
-    steps = math.ceil(cfg.train.tokens / (cfg.train.global_batch_size * cfg.train.seq_length))
-    compute_s = steps * best.step_time_s
-    tau = checkpoint_interval_s(cfg, best.step_time_s, compute_s)
+    step_tokens = cfg.train.global_batch_size * cfg.train.seq_length
+    steps = math.ceil(cfg.train.tokens / step_tokens)
+    step_s = c.step_time_s or best.step_time_s  # a measured step time wins over the model
+    compute_s = steps * step_s
+    tau = checkpoint_interval_s(cfg, step_s, compute_s)
     delta = save_blocking_s(cfg, best)
     blocking_s = math.ceil(compute_s / tau) * delta
     mtbf_s = c.node_mtbf_hours * 3600.0 / c.nodes
@@ -105,8 +107,8 @@ def campaign(cfg: RunConfig, best: PlannedLayout) -> Campaign:
     optimal = young_interval_s(delta, mtbf_s)
     wall_h = wall_s / 3600.0
     return Campaign(
-        nodes=c.nodes, layout=best.describe(), tokens_per_s_per_gpu=best.tokens_per_s_per_gpu,
-        step_time_s=best.step_time_s, steps=steps, compute_hours=compute_s / 3600.0,
+        nodes=c.nodes, layout=best.describe(), tokens_per_s_per_gpu=step_tokens / step_s
+        / c.world_size, step_time_s=step_s, steps=steps, compute_hours=compute_s / 3600.0,
         checkpoint_interval_s=tau, save_blocking_s=delta,
         checkpoint_blocking_hours=blocking_s / 3600.0, failures=failures,
         lost_work_hours=failures * tau / 2 / 3600.0,
@@ -114,4 +116,4 @@ def campaign(cfg: RunConfig, best: PlannedLayout) -> Campaign:
         days=wall_h / 24.0, gpu_hours=wall_h * c.world_size,
         cost=wall_h * c.nodes * c.node_hour_price if c.node_hour_price else None,
         goodput=compute_s / wall_s, optimal_interval_s=optimal,
-        optimal_save_interval=max(1, round(optimal / best.step_time_s)))
+        optimal_save_interval=max(1, round(optimal / step_s)))

@@ -62,6 +62,12 @@ def test_more_nodes_finish_sooner_cost_per_node_hour_and_fail_more_often() -> No
     assert four.failures / four.wall_hours == pytest.approx(4 * one.failures / one.wall_hours)
 
 
+def test_a_measured_step_time_replaces_the_model() -> None:
+    r = _schedule("cluster.step_time_s=10")
+    assert r.step_time_s == 10 and r.compute_hours == pytest.approx(r.steps * 10 / 3600)
+    assert r.tokens_per_s_per_gpu == pytest.approx(1024 * 8192 / 10 / 8)
+
+
 def test_failures_faster_than_the_work_they_lose_never_finish() -> None:
     r = _schedule("cluster.node_mtbf_hours=0.1", "cluster.restart_time_s=600")
     assert r.goodput == 0 and math.isinf(r.days)
