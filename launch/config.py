@@ -15,6 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from launch.problems import divisors
 from launch.schema import Layout, ModelConfig, RunConfig, runs_local_spec
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -81,7 +82,7 @@ def _layout_problems(cfg: RunConfig, layout: Layout) -> list[str]:
     m, t, world = cfg.model, cfg.train, cfg.cluster.world_size
     out: list[str] = []
     if layout.world_size != world:
-        valid = [d for d in range(1, world + 1) if world % d == 0]
+        valid = divisors(world)
         out.append(
             f"parallel: tp*pp*cp*dp = {layout.tp}*{layout.pp}*{layout.cp}*{layout.dp} = "
             f"{layout.world_size} must equal the world size cluster.nodes*cluster.gpus_per_node"
@@ -92,7 +93,7 @@ def _layout_problems(cfg: RunConfig, layout: Layout) -> list[str]:
                    "parallelism stays within one node")
     elif gpus % layout.tp:
         out.append(f"parallel.tp={layout.tp} must divide cluster.gpus_per_node={gpus}, else "
-                   f"some TP groups span two nodes; allowed: {_divisors(gpus)}")
+                   f"some TP groups span two nodes; allowed: {divisors(gpus)}")
     out += m.tensor_parallel_problems(layout.tp)
     stages = layout.pp * layout.vpp
     if m.num_layers % stages:
@@ -137,10 +138,6 @@ def _context_parallel_problems(m: ModelConfig, layout: Layout) -> list[str]:
         out.append(f"parallel.cp={layout.cp} needs model.attention_backend=fused or flash: "
                    "Transformer Engine's unfused attention has no context-parallel backend")
     return out
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _local_spec_reason(cfg: RunConfig) -> str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Collection, Iterator, Mapping, Optional
 
+from launch.problems import divisors
 from launch.schema import RECOMPUTE, ClusterConfig, Layout, RunConfig, runs_local_spec
 from launch.planning.flops import GPU_PEAK_BF16_TFLOPS, flops_per_token, kv_channels
 from launch.planning.memory import activation_element_bytes, predict, predict_all, stage_params
@@ -115,10 +116,6 @@ class PlannedLayout:
                 f"recompute={self.recompute}")
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def pinned(cfg: RunConfig, explicit: Collection[str]) -> dict[str, Any]:
     """The ``SEARCHED`` settings among ``explicit`` (dotted keys given on the command line, see
     ``launch.config.explicit_keys``), by short name, with their values from ``cfg``."""
@@ -155,22 +152,22 @@ def candidate_layouts(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) 
         return pins.get(name, value) == value
 
     local_spec = runs_local_spec(cfg)
-    for tp in _divisors(min(cfg.cluster.gpus_per_node, world)):
+    for tp in divisors(min(cfg.cluster.gpus_per_node, world)):
         if world % tp or m.tensor_parallel_problems(tp) or not kept("tp", tp):
             continue
         sp = pins.get("sp", tp > 1 and not local_spec)
         if sp and (tp == 1 or local_spec or s % tp):
             continue
-        for pp in _divisors(world // tp):
+        for pp in divisors(world // tp):
             if m.num_layers % pp or not kept("pp", pp):
                 continue
-            for cp in _divisors(world // (tp * pp)):
+            for cp in divisors(world // (tp * pp)):
                 dp = world // (tp * pp * cp)
                 if cp > 1 and (not cp_runs or s % (2 * cp) or (sp and (s // cp) % tp)):
                     continue
                 if not kept("cp", cp) or not kept("dp", dp):
                     continue
-                for vpp in _divisors(m.num_layers // pp) if pp > 1 else [1]:
+                for vpp in divisors(m.num_layers // pp) if pp > 1 else [1]:
                     if kept("vpp", vpp):
                         yield Layout(tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp, sp=sp)
 
@@ -181,7 +178,7 @@ def settings(cfg: RunConfig, layout: Layout,
     size the global batch splits into and every mode. Full recomputation needs its groups of
     ``train.recompute_num_layers`` to tile each model chunk (megatron's uniform method)."""
     sizes = ([pins["micro_batch_size"]] if "micro_batch_size" in pins
-             else _divisors(cfg.train.global_batch_size))
+             else divisors(cfg.train.global_batch_size))
     modes = [pins["recompute"]] if "recompute" in pins else RECOMPUTE
     chunk = cfg.model.num_layers // (layout.pp * layout.vpp)
     return [(b, r) for b in sizes if micro_batches(cfg, layout, b) is not None for r in modes
