@@ -37,7 +37,7 @@ from megatron_ext.signals import StopSignals
 from megatron_ext.spikes import NullSpikeDetector, SpikeDetector
 from megatron_ext.step import StepResult, train_step
 from megatron_ext.straggler import NullStragglerDetector, StragglerDetector, pipeline_position
-from megatron_ext.watchdog import NullWatchdog, Watchdog, record_collectives
+from megatron_ext.watchdog import EXIT_CODE_HANG, NullWatchdog, Watchdog, record_collectives
 from launch.planning.memory import predict
 
 log = logging.getLogger("megatron_ext.train")
@@ -53,6 +53,9 @@ def _setup_logging(rank: int) -> None:
 _MAX_NAN_SKIPS = 10
 """Consecutive non-finite steps after which ``train.on_nan=skip`` stops anyway: by then the
 weights, not a bad batch, are the problem, and skipping on would burn the allocation."""
+_FLUSH_TIMEOUT_S = 30.0  # a hung rank waits at most this for W&B to write its last records
+# (exceptions and SystemExit need nothing: wandb's own atexit hook finishes the run; os._exit
+# skips it)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -163,6 +166,7 @@ class Loop:
               run: Training, start_step: int, watchdog: Watchdog | NullWatchdog) -> "Loop":
         report = StepReporter(cfg, env, layout, use_gpu, start_step)
         watchdog.context = lambda: f"last committed checkpoint: step {run.ckpt.last_committed_step}"
+        watchdog.before_exit = functools.partial(report.close, EXIT_CODE_HANG, _FLUSH_TIMEOUT_S)
         straggler = StragglerDetector.from_config(
             cfg, group=None, rank=env.rank, hostname=env.hostname,
             role=pipeline_position(parallel.pp_rank(), layout.pp))
