@@ -21,7 +21,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from launch.config import derive_layout, load, to_yaml
 from launch.schema import EXIT_TRANSIENT, REQUEUE_REQUEST, Layout, RunConfig, TrainConfig
 from megatron_ext import alerts as alert_kinds
-from megatron_ext import parallel
+from megatron_ext import node_check, parallel
 from megatron_ext.alerts import Alerts
 from megatron_ext.checkpoint import Checkpointer
 from megatron_ext.cpu import cpu_mode
@@ -288,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     alerts = Alerts.from_config(cfg, rank=env.rank)
     if env.rank == 0:
         alert_kinds.clear_claims(cfg)
+    if node_check.failed_in_step(cfg.cluster, env.local_rank, env.rank, alerts):
+        alerts.close()
+        return EXIT_TRANSIENT
     with contextlib.nullcontext() if use_gpu else cpu_mode():
         try:
             train(cfg, env, derive_layout(cfg), use_gpu, alerts)
