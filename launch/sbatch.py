@@ -48,12 +48,25 @@ def _setup_lines(cfg: RunConfig, repo: Path, python: str) -> list[str]:
     lines += ["source " + shlex.quote(str(repo / "slurm" / "env" / f"{name}.sh"))
               for name in env_files]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in sorted(c.env.items())]
+    if c.container_image and not c.venv:
+        lines.append(_image_check_line(c))
     # Under HyperPod's auto-resume the first rank of each node runs the check inside the
     # training step (megatron_ext/node_check.py): a failure in a step of its own would end the
     # job, where a failed training step gets its node replaced and is retried.
     if c.healthcheck and not c.auto_resume:
         lines += _healthcheck_lines(cfg, repo, python)
     return lines
+
+
+def _image_check_line(c: ClusterConfig) -> str:
+    """One task of the image imports the rank code first: an image without this package (or
+    its dependencies) stops the job with one line naming the field, not a traceback per rank."""
+    probe = ["srun", "--nodes=1", "--ntasks=1", *_container_args(c), "python", "-c",
+             "import megatron_ext.train"]
+    why = (f"cluster.container_image={c.container_image} cannot run the ranks: import "
+           "megatron_ext.train failed in it; build the image from slurm/container/Dockerfile "
+           "(README: A container image for HyperPod)")
+    return f"{shlex.join(probe)} || {{ echo {shlex.quote(why)} >&2; exit 1; }}"
 
 
 def _healthcheck_lines(cfg: RunConfig, repo: Path, python: str) -> list[str]:

@@ -79,6 +79,30 @@ def test_the_health_check_runs_where_a_bad_node_gets_replaced_or_excluded() -> N
     assert "healthcheck.sh 8 80 0 " in _render("cluster=slurm")  # no EFA: not counted
 
 
+def test_an_image_without_the_package_stops_the_job_with_one_line_naming_the_field(
+        tmp_path: Path) -> None:
+    """The setup line runs for real, with a fake ``srun`` whose task fails as python does in an
+    image without the package ("No module named megatron_ext")."""
+    line = next(text for text in _render("cluster=hyperpod_p5").splitlines()
+                if "import megatron_ext" in text)
+    srun = tmp_path / "srun"
+    for rc in (1, 0):
+        srun.write_text(f"#!/bin/bash\necho 'python: No module named megatron_ext' >&2\nexit {rc}\n"
+                        if rc else "#!/bin/bash\nexit 0\n")
+        srun.chmod(0o755)
+        done = subprocess.run(["bash", "-c", line + "\necho started"], capture_output=True,
+                              text=True, env={**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"})
+        if rc:
+            assert done.returncode == 1 and "started" not in done.stdout
+            assert done.stderr.splitlines()[-1] == (
+                "cluster.container_image=/fsx/apps/slurm-llm.sqsh cannot run the ranks: import "
+                "megatron_ext.train failed in it; build the image from slurm/container/Dockerfile "
+                "(README: A container image for HyperPod)")
+        else:
+            assert done.returncode == 0 and "started" in done.stdout
+    assert "import megatron_ext" not in _render("cluster=pcs_p5")  # a venv: the host's Python
+
+
 def test_secrets_in_the_environment_never_reach_the_script(monkeypatch) -> None:
     monkeypatch.setenv("SLACK_WEBHOOK_URL", "https://hooks.example/T000-SECRET-hook")
     monkeypatch.setenv("WANDB_API_KEY", "wandb-key-0123456789-SECRET")
