@@ -71,16 +71,16 @@ def _image_check_line(c: ClusterConfig) -> str:
 
 def _healthcheck_lines(cfg: RunConfig, repo: Path, python: str) -> list[str]:
     """One check per node; on failure slurm/node_failed.sh names, drains and excludes the bad
-    nodes, job_end posts what it did, and the job stops before any rank starts."""
+    nodes and has job_end post what it did; the job stops before any rank starts."""
     c, run_dir = cfg.cluster, Path(cfg.run_dir)
     log = str(run_dir / HEALTHCHECK_LOG)
     check = ["srun", f"--ntasks={c.nodes}", "--ntasks-per-node=1", "bash",
              str(repo / "slurm" / "healthcheck.sh"), *c.healthcheck_args()]
+    # job_end (exit code 1) goes last: node_failed.sh posts its report before a requeue
     failed = ["bash", str(repo / "slurm" / "node_failed.sh"), log, str(c.nodes), str(run_dir),
-              str(c.max_restarts), "1" if c.requeue else "0"]
+              str(c.max_restarts), "1" if c.requeue else "0", *_job_end_argv(cfg, python), "1"]
     return [f"{shlex.join(check)} 2>&1 | tee {shlex.quote(log)}; checked=${{PIPESTATUS[0]}}",
-            f'if [ "$checked" -ne 0 ]; then {shlex.join(failed)}; '
-            f"{shlex.join(_job_end_argv(cfg, python))} 1 || true; exit 1; fi"]
+            f'if [ "$checked" -ne 0 ]; then {shlex.join(failed)}; exit 1; fi']
 
 
 def _requeue_request(cfg: RunConfig) -> str:

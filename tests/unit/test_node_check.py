@@ -3,12 +3,17 @@ runs slurm/healthcheck.sh (for real, with fake nvidia-smi/dmesg/fi_info/scontrol
 things that cannot exist here) and a failure alerts once and fails the step."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from launch.prepare import write_run_dir
+from launch.schema import EXIT_TRANSIENT, NO_RESTART
 from megatron_ext import alerts, node_check
-from tests.conftest import make_config
+from tests.conftest import REPO, make_config
 from tests.slack_receiver import Receiver
 from tests.unit.test_healthcheck import HEALTHY_SMI, _fi_info, _tool
 
@@ -79,3 +84,20 @@ def test_where_scontrol_is_at_hand_the_node_is_marked_for_replacement(
 def test_an_image_without_the_check_script_fails_naming_it(tmp_path: Path) -> None:
     missing = tmp_path / "slurm" / "healthcheck.sh"
     assert f"{missing} is missing" in node_check.run(_hyperpod(), script=missing)
+
+
+@pytest.mark.slow  # imports torch and megatron-core: ~30 s on 2 busy cores
+def test_a_rank_on_a_bad_node_exits_for_a_retry_before_it_builds_anything(
+        node: Path, tmp_path: Path) -> None:
+    """``python -m megatron_ext.train`` itself, as srun starts the first rank of a node (without
+    the check it would wait in the rendezvous for a rank 1 that never comes)."""
+    _tool(node, "nvidia-smi", "0, 81559, 0\n")  # one of the node's GPUs is gone
+    cfg = make_config("cluster=hyperpod_p5", "cluster.gpus_per_node=2", "cluster.cpus_per_task=1",
+                      "train.recompute=none", run_dir=str(tmp_path / "run"))
+    config = write_run_dir(cfg)
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    done = subprocess.run([sys.executable, "-m", "megatron_ext.train", str(config)], env=env,
+                          capture_output=True, text=True, timeout=150, cwd=REPO)
+    assert done.returncode == EXIT_TRANSIENT, done.stdout + done.stderr
+    assert "healthcheck FAILED on p5-node-7: 1 GPUs visible, expected 2" in done.stdout
+    assert not (tmp_path / "run" / NO_RESTART).exists()  # another node may well do

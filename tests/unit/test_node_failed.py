@@ -31,16 +31,23 @@ esac
 
 def _node_failed(tmp_path: Path, log: str, nodes: int = 3, max_restarts: int = 3,
                  **fake) -> tuple[subprocess.CompletedProcess, list[str], str]:
+    """Run it as the batch script does, with an alert command that records the report it saw
+    and that scontrol had not requeued the job yet."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     calls = _scontrol(bin_dir, **fake)
     (tmp_path / "healthcheck.log").write_text(log)
     env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "42"}
+    alert = (f"cp {tmp_path / BAD_NODES} {tmp_path / 'alerted'}; "
+             f"grep -q requeuehold {calls} 2>/dev/null && echo late > {tmp_path / 'alerted'}")
     done = subprocess.run(["bash", str(REPO / "slurm" / "node_failed.sh"),
                            str(tmp_path / "healthcheck.log"), str(nodes), str(tmp_path),
-                           str(max_restarts), "1"], env=env, capture_output=True, text=True)
+                           str(max_restarts), "1", "bash", "-c", alert], env=env,
+                          capture_output=True, text=True)
     made = calls.read_text().splitlines() if calls.exists() else []
-    return done, made, (tmp_path / BAD_NODES).read_text()
+    report = (tmp_path / BAD_NODES).read_text()
+    assert (tmp_path / "alerted").read_text() == report  # posted whole, before any requeue
+    return done, made, report
 
 
 LOG = ("healthcheck on n1: 8 GPUs ok\n"

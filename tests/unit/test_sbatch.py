@@ -72,10 +72,10 @@ def test_the_health_check_runs_where_a_bad_node_gets_replaced_or_excluded() -> N
     assert (f"srun --ntasks=1 --ntasks-per-node=1 bash /opt/slurm-llm/slurm/healthcheck.sh 8 40 4"
             f" 2>&1 | tee {run}/{HEALTHCHECK_LOG}; checked=${{PIPESTATUS[0]}}") in pcs_p4d
     assert (f'if [ "$checked" -ne 0 ]; then bash /opt/slurm-llm/slurm/node_failed.sh '
-            f"{run}/{HEALTHCHECK_LOG} 1 {run} 3 1; /fsx/venvs/slurm-llm/bin/python -m "
-            f"megatron_ext.job_end {run}/config.yaml 1 || true; exit 1; fi") in pcs_p4d
+            f"{run}/{HEALTHCHECK_LOG} 1 {run} 3 1 /fsx/venvs/slurm-llm/bin/python -m "
+            f"megatron_ext.job_end {run}/config.yaml 1; exit 1; fi") in pcs_p4d
     no_requeue = _render("cluster=pcs_p4d", "cluster.requeue=false")
-    assert f"node_failed.sh {run}/{HEALTHCHECK_LOG} 1 {run} 3 0;" in no_requeue
+    assert f"node_failed.sh {run}/{HEALTHCHECK_LOG} 1 {run} 3 0 /fsx/venvs" in no_requeue
     assert "healthcheck.sh 8 80 0 " in _render("cluster=slurm")  # no EFA: not counted
 
 
