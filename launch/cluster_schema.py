@@ -127,7 +127,9 @@ class ClusterConfig:
     node replacement, startup, checkpoint load), for ``tools.schedule``. An assumption (about 15
     min): measure a requeue on your cluster and set it."""
     healthcheck: bool = True
-    """Run slurm/healthcheck.sh on every node before training (a no-op without nvidia-smi)."""
+    """Run slurm/healthcheck.sh on every node before training (a no-op without nvidia-smi):
+    under ``auto_resume`` in the training step's first rank of each node, so that HyperPod
+    replaces a bad node; elsewhere in a step of its own, bad nodes drained and excluded."""
     efa_devices: int = 0
     """EFA devices each node must show (``fi_info -p efa``) for the health check; 0: not
     checked. Per instance type, as AWS's EC2 specifications list them: p4d/p4de.24xlarge 4,
