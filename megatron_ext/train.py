@@ -21,7 +21,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from launch.config import derive_layout, load, to_yaml
 from launch.schema import EXIT_TRANSIENT, REQUEUE_REQUEST, Layout, RunConfig, TrainConfig
 from megatron_ext import alerts as alert_kinds
-from megatron_ext import parallel
+from megatron_ext import nccl_net, node_check, parallel
 from megatron_ext.alerts import Alerts
 from megatron_ext.checkpoint import Checkpointer
 from megatron_ext.cpu import cpu_mode
@@ -231,6 +231,8 @@ def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Al
     with watchdog.section("start-up (process groups, model, checkpoint load)",
                           cfg.resilience.watchdog.first_step_timeout_s):
         run = build(cfg, env, layout, use_gpu, alerts)
+        if use_gpu:
+            nccl_net.confirm(cfg, env.rank)  # the transport NCCL chose; not EFA: stop
         resume = run.ckpt.load_latest()
     start_step, consumed = resume.step, resume.consumed_samples
     loop = Loop.start(cfg, env, layout, use_gpu, alerts, run, start_step, watchdog)
@@ -286,12 +288,16 @@ def main(argv: list[str] | None = None) -> int:
         refuse_restart(cfg.run_dir, why)
         return 2
     if use_gpu:
+        nccl_net.prepare(cfg, env.rank)
         record_collectives()  # before the NCCL group exists, for the watchdog's hang dump
     else:
         torch.set_num_threads(cfg.cluster.cpus_per_task)  # ranks share the cores; don't oversubscribe
     alerts = Alerts.from_config(cfg, rank=env.rank)
     if env.rank == 0:
         alert_kinds.clear_claims(cfg)
+    if node_check.failed_in_step(cfg.cluster, env.local_rank, env.rank, alerts):
+        alerts.close()
+        return EXIT_TRANSIENT
     with contextlib.nullcontext() if use_gpu else cpu_mode():
         try:
             train(cfg, env, derive_layout(cfg), use_gpu, alerts)
