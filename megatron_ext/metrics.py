@@ -148,6 +148,9 @@ class MetricsLogger:
         if self._closed:
             return
         self._closed = True
+        if timeout_s is None:
+            self._run.finish(exit_code=exit_code)
+            return
         finish = threading.Thread(target=self._run.finish, kwargs={"exit_code": exit_code},
                                   name="wandb-finish", daemon=True)
         finish.start()
