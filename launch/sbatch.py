@@ -36,11 +36,21 @@ def rank_argv(config_path: Path, python: str) -> list[str]:
     return [python, "-m", "megatron_ext.train", str(config_path)]
 
 
-def _setup_lines(c: ClusterConfig, repo: Path) -> list[str]:
+def _batch_stderr(cfg: RunConfig) -> str:
+    """The batch script's stderr (submitit's ``logs/<job id>/<job id>_0_log.err``), where srun
+    reports which task ended how; appended to by every attempt of a requeued job."""
+    return (shlex.quote(str(Path(cfg.run_dir) / "logs")) +
+            '/"${SLURM_JOB_ID}/${SLURM_JOB_ID}_0_log.err"')
+
+
+def _setup_lines(cfg: RunConfig, repo: Path) -> list[str]:
+    c = cfg.cluster
     lines = [
         "# The submitter's environment reaches every rank (--export=ALL, Slurm's default):",
         "# secrets such as WANDB_API_KEY and SLACK_WEBHOOK_URL are read there, never written here.",
         'echo "job ${SLURM_JOB_ID} on ${SLURM_JOB_NODELIST}, restart ${SLURM_RESTART_COUNT:-0}"',
+        "# where this attempt's part of the stderr starts: job_end reads srun's reports from there",
+        f"attempt_log_from=$(stat -c %s {_batch_stderr(cfg)} 2>/dev/null || echo 0)",
     ]
     env_files = ["megatron"] + ([c.interconnect] if c.interconnect != "none" else [])
     lines += ["source " + shlex.quote(str(repo / "slurm" / "env" / f"{name}.sh"))
@@ -100,7 +110,8 @@ def _teardown_lines(cfg: RunConfig, python: str) -> list[str]:
                str(Path(cfg.run_dir) / RUN_CONFIG)]
     if c.container_image and not c.venv:
         job_end = ["srun", "--nodes=1", "--ntasks=1", *_container_args(c)] + job_end
-    lines.append(f'if [ "$rc" -ne 0 ]; then {shlex.join(job_end)} "$rc" $gave_up || true; fi')
+    lines.append(f'if [ "$rc" -ne 0 ]; then {shlex.join(job_end)} "$rc" $gave_up --srun-log '
+                 f'{_batch_stderr(cfg)} --from "$attempt_log_from" || true; fi')
     if cfg.cluster.requeue:
         request = _requeue_request(cfg)
         lines.append(f'if [ -e {request} ]; then rm -f {request}; scontrol requeue "$SLURM_JOB_ID"; fi')
@@ -132,7 +143,7 @@ def slurm_params(cfg: RunConfig, python: str, repo: Path = REPO) -> dict[str, An
     params: dict[str, Any] = {
         "job_name": cfg.name, "nodes": c.nodes, "ntasks_per_node": c.gpus_per_node,
         "time": c.timeout_min, "wckey": None,
-        "setup": _setup_lines(c, repo) + [
+        "setup": _setup_lines(cfg, repo) + [
             "rm -rf " + " ".join(shlex.quote(str(Path(cfg.run_dir) / name))
                                  for name in (REQUEUE_REQUEST, ALERTS_SENT, NO_RESTART))],
         "teardown": _teardown_lines(cfg, python),

@@ -11,9 +11,11 @@ says why the attempt ended (``alerts.ONCE_PER_JOB`` in ``run_dir/alerts-sent/``)
 """
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 
+from launch import rank_exit
 from launch.config import load
 from megatron_ext import alerts
 
@@ -39,16 +41,31 @@ def gave_up(failures: int, max_restarts: int, exit_code: int) -> str:
             f"again (cluster.max_restarts={max_restarts}); the rank logs of each attempt say why")
 
 
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m megatron_ext.job_end")
+    parser.add_argument("config")
+    parser.add_argument("code", type=int)
+    parser.add_argument("failures", type=int, nargs="?", default=0)
+    parser.add_argument("--srun-log", help="the batch script's stderr, where srun reports tasks")
+    parser.add_argument("--from", dest="offset", type=int, default=0,
+                        help="where this attempt's part of --srun-log starts (bytes)")
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    config, code, *failures = argv if argv is not None else sys.argv[1:]
-    cfg, exit_code = load(config), int(code)
+    args = _arguments(argv)
+    cfg, exit_code = load(args.config), args.code
+    if exit_code in PLANNED_EXITS:
+        return 0
+    story = rank_exit.what_happened(cfg, exit_code, args.srun_log, args.offset)
+    print(f"job attempt failed: {story}", file=sys.stderr, flush=True)
     claims = alerts.claims_dir(cfg)
     claimed = [p.name for p in claims.iterdir()] if claims.is_dir() else []
-    if failures and int(failures[0]) > 1:  # kept failing; with max_restarts=0 the first
+    if args.failures > 1:  # kept failing; with max_restarts=0 the first
         # failure's own alert (or explain's) is the only one
-        message = gave_up(int(failures[0]), cfg.cluster.max_restarts, exit_code)
+        message = gave_up(args.failures, cfg.cluster.max_restarts, exit_code)
     elif needs_alert(exit_code, claimed):
-        message = explain(exit_code)
+        message = f"{explain(exit_code)}: {story}"
     else:
         return 0
     alerts.Alerts.from_config(cfg, rank=alerts.LAUNCHER).send_now(alerts.FAILURE, message,
