@@ -26,6 +26,7 @@ LAUNCH_COMMAND = "launch-command"
 """File in ``run_dir``: the command that launched the run, which also resumes it."""
 _SRUN_ERROR = re.compile(r"^srun: error: (\S+): tasks? ([\d,\-]+): (.+)$", re.M)
 _BY_TEXT = {signal.strsignal(s): s for s in signal.Signals if signal.strsignal(s)}
+_NODE_FAILURE = re.compile(r"^srun: error: Node failure on (\S+)$", re.M)
 _EXITED = re.compile(r"Exited with exit code (\d+)")
 
 
@@ -59,6 +60,20 @@ def first_srun_error(text: str) -> Optional[RankExit]:
     return None
 
 
+def failed_node(text: str) -> Optional[str]:
+    """The node srun reported failed in ``text``, if any."""
+    found = _NODE_FAILURE.search(text)
+    return found.group(1) if found else None
+
+
+def read_from(path: str, offset: int) -> str:
+    """``path`` from byte ``offset`` on; '' when it cannot be read."""
+    with contextlib.suppress(OSError), open(path, errors="replace") as f:
+        f.seek(offset)
+        return f.read()
+    return ""
+
+
 def last_committed(checkpoint_dir: str) -> str:
     folder = newest_committed(Path(checkpoint_dir))
     return (f"the last committed checkpoint is {folder}" if folder
@@ -77,10 +92,7 @@ def died(run_dir: Path, srun_log: str | None, offset: int) -> RankExit | None:
     """The first rank to fail: from srun's messages in this attempt's part of the batch
     script's stderr (from byte ``offset``), or as the local launcher recorded it."""
     if srun_log:
-        with contextlib.suppress(OSError), open(srun_log, errors="replace") as f:
-            f.seek(offset)
-            return first_srun_error(f.read())
-        return None
+        return first_srun_error(read_from(srun_log, offset))
     with contextlib.suppress(OSError, ValueError):
         rank, node, code = (run_dir / FIRST_EXIT).read_text().split()
         return RankExit(rank, node, int(code))

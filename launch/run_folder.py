@@ -26,3 +26,7 @@ FAILURES = "failures"
 """File in ``run_dir``: how many attempts of this launch failed and were requeued (the batch
 script's count for ``cluster.max_restarts``; time-limit requeues are not failures)."""
 
+ATTEMPT_LOG_FROM = "attempt-log-from"
+"""File in ``run_dir``: where the running attempt's part of the batch stderr starts; removed by
+its teardown, so the next attempt finds it only after Slurm ended the job itself (a node
+failure) and reports that end."""

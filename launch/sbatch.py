@@ -19,7 +19,7 @@ from typing import Any
 
 from submitit.slurm.slurm import _make_sbatch_string
 
-from launch.schema import (ALERTS_SENT, FAILURES, NO_RESTART, REQUEUE_REQUEST, RUN_CONFIG,
+from launch.schema import (ALERTS_SENT, ATTEMPT_LOG_FROM, FAILURES, NO_RESTART, REQUEUE_REQUEST, RUN_CONFIG,
                            ClusterConfig, RunConfig)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,6 +65,30 @@ def _setup_lines(cfg: RunConfig, repo: Path) -> list[str]:
     return lines
 
 
+def _job_end_argv(cfg: RunConfig, python: str) -> list[str]:
+    """``megatron_ext.job_end`` by the host's Python where it has the ranks' (a venv, the
+    launcher's), else in one task of the container image (HyperPod), whose Python the host lacks."""
+    c = cfg.cluster
+    job_end = [rank_python(c, python), "-m", "megatron_ext.job_end",
+               str(Path(cfg.run_dir) / RUN_CONFIG)]
+    if c.container_image and not c.venv:
+        job_end = ["srun", "--nodes=1", "--ntasks=1", *_container_args(c)] + job_end
+    return job_end
+
+
+def _attempt_mark(cfg: RunConfig) -> str:
+    return shlex.quote(str(Path(cfg.run_dir) / ATTEMPT_LOG_FROM))
+
+
+def _untold_end_lines(cfg: RunConfig, python: str) -> list[str]:
+    """An attempt Slurm ended itself (a node failure: the batch script is killed with the job,
+    its teardown never runs) left its mark: the next attempt reports it (``job_end --node-failure``)."""
+    mark = _attempt_mark(cfg)
+    return [f'if [ -s {mark} ]; then {shlex.join(_job_end_argv(cfg, python))} 0 --node-failure '
+            f'--srun-log {_batch_stderr(cfg)} --from "$(cat {mark})" || true; fi',
+            f'echo "$attempt_log_from" > {mark}']
+
+
 def _requeue_request(cfg: RunConfig) -> str:
     return shlex.quote(str(Path(cfg.run_dir) / REQUEUE_REQUEST))
 
@@ -105,13 +129,9 @@ def _teardown_lines(cfg: RunConfig, python: str) -> list[str]:
     container image (HyperPod), whose Python the host lacks.
     """
     lines = ["rc=$?"] + (_restart_lines(cfg) if cfg.cluster.requeue else ['gave_up=""'])
-    c = cfg.cluster
-    job_end = [rank_python(c, python), "-m", "megatron_ext.job_end",
-               str(Path(cfg.run_dir) / RUN_CONFIG)]
-    if c.container_image and not c.venv:
-        job_end = ["srun", "--nodes=1", "--ntasks=1", *_container_args(c)] + job_end
-    lines.append(f'if [ "$rc" -ne 0 ]; then {shlex.join(job_end)} "$rc" $gave_up --srun-log '
-                 f'{_batch_stderr(cfg)} --from "$attempt_log_from" || true; fi')
+    lines.append(f'if [ "$rc" -ne 0 ]; then {shlex.join(_job_end_argv(cfg, python))} "$rc" '
+                 f'$gave_up --srun-log {_batch_stderr(cfg)} --from "$attempt_log_from" || true; fi')
+    lines.append(f"rm -f {_attempt_mark(cfg)}  # this attempt's end is told")
     if cfg.cluster.requeue:
         request = _requeue_request(cfg)
         lines.append(f'if [ -e {request} ]; then rm -f {request}; scontrol requeue "$SLURM_JOB_ID"; fi')
@@ -143,7 +163,7 @@ def slurm_params(cfg: RunConfig, python: str, repo: Path = REPO) -> dict[str, An
     params: dict[str, Any] = {
         "job_name": cfg.name, "nodes": c.nodes, "ntasks_per_node": c.gpus_per_node,
         "time": c.timeout_min, "wckey": None,
-        "setup": _setup_lines(cfg, repo) + [
+        "setup": _setup_lines(cfg, repo) + _untold_end_lines(cfg, python) + [
             "rm -rf " + " ".join(shlex.quote(str(Path(cfg.run_dir) / name))
                                  for name in (REQUEUE_REQUEST, ALERTS_SENT, NO_RESTART))],
         "teardown": _teardown_lines(cfg, python),

@@ -17,8 +17,8 @@ from typing import Optional
 
 from launch.cluster_schema import ClusterConfig
 from launch.problems import choice_problem, positive_problem
-from launch.run_folder import (ALERTS_SENT, EXIT_TRANSIENT, FAILURES, NO_RESTART,  # noqa: F401
-                               REQUEUE_REQUEST, RUN_CONFIG)
+from launch.run_folder import (ALERTS_SENT, ATTEMPT_LOG_FROM, EXIT_TRANSIENT,  # noqa: F401
+                               FAILURES, NO_RESTART, REQUEUE_REQUEST, RUN_CONFIG)
 from launch.watch_schema import LoggingConfig, ResilienceConfig
 
 TRANSFORMER_IMPLS = ("transformer_engine", "local")

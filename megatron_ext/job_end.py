@@ -17,6 +17,7 @@ import sys
 
 from launch import rank_exit
 from launch.config import load
+from launch.schema import RunConfig
 from megatron_ext import alerts
 
 PLANNED_EXITS = (0, 128 + signal.SIGTERM)
@@ -41,6 +42,20 @@ def gave_up(failures: int, max_restarts: int, exit_code: int) -> str:
             f"again (cluster.max_restarts={max_restarts}); the rank logs of each attempt say why")
 
 
+def _node_failure(cfg: RunConfig, previous: str) -> int:
+    """The previous attempt ended with its node: Slurm killed the batch script with the job
+    (NODE_FAIL) and requeued it, so no teardown told anyone. Said once, by the next attempt."""
+    node = rank_exit.failed_node(previous)
+    if node is None:
+        return 0
+    message = (f"node {node} failed and Slurm requeued the job; "
+               f"{rank_exit.last_committed(cfg.checkpoint.dir)}, which this attempt resumes")
+    print(f"previous attempt: {message}", file=sys.stderr, flush=True)
+    alerts.Alerts.from_config(cfg, rank=alerts.LAUNCHER).send_now(alerts.FAILURE, message,
+                                                                   rank=alerts.LAUNCHER)
+    return 0
+
+
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m megatron_ext.job_end")
     parser.add_argument("config")
@@ -49,12 +64,16 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--srun-log", help="the batch script's stderr, where srun reports tasks")
     parser.add_argument("--from", dest="offset", type=int, default=0,
                         help="where this attempt's part of --srun-log starts (bytes)")
+    parser.add_argument("--node-failure", action="store_true",
+                        help="the previous attempt, which Slurm ended itself: did a node fail?")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     cfg, exit_code = load(args.config), args.code
+    if args.node_failure:
+        return _node_failure(cfg, rank_exit.read_from(args.srun_log or "", args.offset))
     if exit_code in PLANNED_EXITS:
         return 0
     story = rank_exit.what_happened(cfg, exit_code, args.srun_log, args.offset)

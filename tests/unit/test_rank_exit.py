@@ -61,3 +61,19 @@ def test_job_end_prints_the_report_into_the_batch_log(tmp_path: Path) -> None:
     assert ("job attempt failed: rank 1 on vm was killed by SIGKILL" in out.stderr
             and f"no checkpoint was committed in {tmp_path / 'none'}" in out.stderr), out.stderr
     assert job_end.main([str(config), "143"]) == 0  # a planned end says nothing
+
+
+def test_the_next_attempt_tells_of_a_node_that_failed(tmp_path: Path) -> None:
+    """Slurm kills the batch script with a job whose node failed: the requeued attempt says it."""
+    cfg = make_config(f"checkpoint.dir={tmp_path / 'none'}", run_dir=str(tmp_path / "run"))
+    config = write_run_dir(cfg)
+    log = tmp_path / "err"
+    log.write_text("srun: error: n1: task 0: Exited with exit code 75\n"
+                   "srun: error: Node failure on slurmllm-n2\n")
+    argv = [sys.executable, "-m", "megatron_ext.job_end", str(config), "0", "--node-failure",
+            "--srun-log", str(log), "--from", "0"]
+    out = subprocess.run(argv, capture_output=True, text=True)
+    assert out.returncode == 0 and ("previous attempt: node slurmllm-n2 failed and Slurm requeued "
+                                    "the job; no checkpoint was committed") in out.stderr, out.stderr
+    argv[-1] = str(log.stat().st_size)  # nothing failed since
+    assert "previous attempt" not in subprocess.run(argv, capture_output=True, text=True).stderr
