@@ -15,8 +15,9 @@ from hydra.errors import HydraException
 from launch.config import (CONF_DIR, compose, explicit_keys, one_line_error, register_schema,
                            to_run_config, validate)
 from launch.prepare import (absolutize, choose_layout, data_problems, for_sweep_point,
-                            prepare_data, write_run_dir)
+                            launch_command, prepare_data, write_run_dir)
 from launch.planning.time_limit import with_time_limit
+from launch import resume
 from launch.schema import RunConfig
 
 
@@ -65,6 +66,10 @@ def main(raw: DictConfig) -> None:
     _exit_on(validate(cfg, layout))
     cfg = with_time_limit(cfg, layout)
     print(f"layout: {layout.describe()}{note}")
+    resume_problems, changed = resume.check(cfg)  # a relaunch over an existing checkpoint
+    _exit_on(resume_problems)
+    if changed:
+        print(changed)
     if cfg.launch.dry_run:
         from launch.submit import dry_run_text
 
@@ -77,11 +82,14 @@ def main(raw: DictConfig) -> None:
 
     cfg, cpu_problems = with_registered_cpus(cfg)
     _exit_on(cpu_problems + data_problems(cfg) + shared_fs_problems(cfg) + node_path_problems(cfg))
-    config_path = write_run_dir(cfg)
+    config_path = write_run_dir(cfg, launch_command(
+        cfg, hydra_cfg.overrides.task, Path.cwd(), hydra_cfg.mode == RunMode.MULTIRUN))
+    if changed:
+        (config_path.parent / resume.RESUME_CHANGES).write_text(changed + "\n")
     job = submit(cfg, config_path)
     print(f"submitted job {job.job_id}; run folder {cfg.run_dir}", flush=True)
     if cfg.cluster.kind == "local" and cfg.launch.wait:
-        sys.exit(follow(job))
+        sys.exit(follow(job, cfg))
 
 
 if __name__ == "__main__":

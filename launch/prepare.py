@@ -7,10 +7,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Collection
+from typing import Collection, Sequence
 
 from launch.config import CONF_DIR, derive_layout, to_yaml, validate
 from launch.planning.planner import configure, describe_pinned, explain_no_fit, pinned, plan
+from launch.rank_exit import LAUNCH_COMMAND
 from launch.schema import ALERTS_SENT, RUN_CONFIG, DataSource, Layout, RunConfig
 
 
@@ -97,11 +98,23 @@ def data_problems(cfg: RunConfig) -> list[str]:
             if not Path(source.path + ext).exists()]
 
 
-def write_run_dir(cfg: RunConfig) -> Path:
-    """The self-describing run folder: the exact config every rank will read."""
+def launch_command(cfg: RunConfig, overrides: Sequence[str], cwd: Path,
+                   sweep_point: bool = False) -> str:
+    """The command that launches this run again, and so resumes it: the same overrides from
+    the same directory; a sweep point as a single run of its own checkpoint folder."""
+    pinned = [f"checkpoint.dir={cfg.checkpoint.dir}", f"checkpoint.s3_uri={cfg.checkpoint.s3_uri}"]
+    argv = [sys.executable, "-m", "launch", *overrides, *(pinned if sweep_point else [])]
+    return f"cd {shlex.quote(str(cwd))} && {shlex.join(argv)}"
+
+
+def write_run_dir(cfg: RunConfig, command: str = "") -> Path:
+    """The self-describing run folder: the exact config every rank will read, and the command
+    that launched it (``rank_exit.LAUNCH_COMMAND``, which a failure report repeats)."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(run_dir / ALERTS_SENT, ignore_errors=True)  # a new attempt alerts afresh
     config_path = run_dir / RUN_CONFIG
     config_path.write_text(to_yaml(cfg))
+    if command:
+        (run_dir / LAUNCH_COMMAND).write_text(command + "\n")
     return config_path

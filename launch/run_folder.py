@@ -33,3 +33,7 @@ BAD_NODES = "bad-nodes"
 """File in ``run_dir`` slurm/node_failed.sh writes after a failed node health check: the nodes,
 why, and whether they were drained and the job requeued without them; the batch script's
 ``megatron_ext.job_end`` posts it as the failure alert."""
+ATTEMPT_LOG_FROM = "attempt-log-from"
+"""File in ``run_dir``: where the running attempt's part of the batch stderr starts; removed by
+its teardown, so the next attempt finds it only after Slurm ended the job itself (a node
+failure) and reports that end."""

@@ -19,8 +19,8 @@ from typing import Any
 
 from submitit.slurm.slurm import _make_sbatch_string
 
-from launch.schema import (ALERTS_SENT, FAILURES, NO_RESTART, REQUEUE_REQUEST, RUN_CONFIG,
-                           ClusterConfig, RunConfig)
+from launch.schema import (ALERTS_SENT, ATTEMPT_LOG_FROM, FAILURES, NO_RESTART, REQUEUE_REQUEST,
+                           RUN_CONFIG, ClusterConfig, RunConfig)
 from launch.run_folder import BAD_NODES, HEALTHCHECK_LOG
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,12 +37,21 @@ def rank_argv(config_path: Path, python: str) -> list[str]:
     return [python, "-m", "megatron_ext.train", str(config_path)]
 
 
+def _batch_stderr(cfg: RunConfig) -> str:
+    """The batch script's stderr (submitit's ``logs/<job id>/<job id>_0_log.err``), where srun
+    reports which task ended how; appended to by every attempt of a requeued job."""
+    return (shlex.quote(str(Path(cfg.run_dir) / "logs")) +
+            '/"${SLURM_JOB_ID}/${SLURM_JOB_ID}_0_log.err"')
+
+
 def _setup_lines(cfg: RunConfig, repo: Path, python: str) -> list[str]:
     c = cfg.cluster
     lines = [
         "# The submitter's environment reaches every rank (--export=ALL, Slurm's default):",
         "# secrets such as WANDB_API_KEY and SLACK_WEBHOOK_URL are read there, never written here.",
         'echo "job ${SLURM_JOB_ID} on ${SLURM_JOB_NODELIST}, restart ${SLURM_RESTART_COUNT:-0}"',
+        "# where this attempt's part of the stderr starts: job_end reads srun's reports from there",
+        f"attempt_log_from=$(stat -c %s {_batch_stderr(cfg)} 2>/dev/null || echo 0)",
     ]
     env_files = ["megatron"] + ([c.interconnect] if c.interconnect != "none" else [])
     lines += ["source " + shlex.quote(str(repo / "slurm" / "env" / f"{name}.sh"))
@@ -81,6 +90,19 @@ def _healthcheck_lines(cfg: RunConfig, repo: Path, python: str) -> list[str]:
               str(c.max_restarts), "1" if c.requeue else "0", *_job_end_argv(cfg, python), "1"]
     return [f"{shlex.join(check)} 2>&1 | tee {shlex.quote(log)}; checked=${{PIPESTATUS[0]}}",
             f'if [ "$checked" -ne 0 ]; then {shlex.join(failed)}; exit 1; fi']
+
+
+def _attempt_mark(cfg: RunConfig) -> str:
+    return shlex.quote(str(Path(cfg.run_dir) / ATTEMPT_LOG_FROM))
+
+
+def _untold_end_lines(cfg: RunConfig, python: str) -> list[str]:
+    """An attempt Slurm ended itself (a node failure: the batch script is killed with the job,
+    its teardown never runs) left its mark: the next attempt reports it (``job_end --node-failure``)."""
+    mark = _attempt_mark(cfg)
+    return [f'if [ -s {mark} ]; then {shlex.join(_job_end_argv(cfg, python))} 0 --node-failure '
+            f'--srun-log {_batch_stderr(cfg)} --from "$(cat {mark})" || true; fi',
+            f'echo "$attempt_log_from" > {mark}']
 
 
 def _requeue_request(cfg: RunConfig) -> str:
@@ -123,8 +145,9 @@ def _teardown_lines(cfg: RunConfig, python: str) -> list[str]:
     container image (HyperPod), whose Python the host lacks.
     """
     lines = ["rc=$?"] + (_restart_lines(cfg) if cfg.cluster.requeue else ['gave_up=""'])
-    job_end = shlex.join(_job_end_argv(cfg, python))
-    lines.append(f'if [ "$rc" -ne 0 ]; then {job_end} "$rc" $gave_up || true; fi')
+    lines.append(f'if [ "$rc" -ne 0 ]; then {shlex.join(_job_end_argv(cfg, python))} "$rc" '
+                 f'$gave_up --srun-log {_batch_stderr(cfg)} --from "$attempt_log_from" || true; fi')
+    lines.append(f"rm -f {_attempt_mark(cfg)}  # this attempt's end is told")
     if cfg.cluster.requeue:
         request = _requeue_request(cfg)
         lines.append(f'if [ -e {request} ]; then rm -f {request}; scontrol requeue "$SLURM_JOB_ID"; fi')
@@ -167,7 +190,7 @@ def slurm_params(cfg: RunConfig, python: str, repo: Path = REPO) -> dict[str, An
     params: dict[str, Any] = {
         "job_name": cfg.name, "nodes": c.nodes, "ntasks_per_node": c.gpus_per_node,
         "time": c.timeout_min, "wckey": None,
-        "setup": _setup_lines(cfg, repo, python) + [
+        "setup": _setup_lines(cfg, repo, python) + _untold_end_lines(cfg, python) + [
             "rm -rf " + " ".join(shlex.quote(str(Path(cfg.run_dir) / name)) for name in
                                  (REQUEUE_REQUEST, ALERTS_SENT, NO_RESTART, BAD_NODES))],
         "teardown": _teardown_lines(cfg, python),

@@ -17,8 +17,8 @@ from typing import Optional
 
 from launch.cluster_schema import ClusterConfig
 from launch.problems import choice_problem, positive_problem
-from launch.run_folder import (ALERTS_SENT, EXIT_TRANSIENT, FAILURES, NO_RESTART,  # noqa: F401
-                               REQUEUE_REQUEST, RUN_CONFIG)
+from launch.run_folder import (ALERTS_SENT, ATTEMPT_LOG_FROM, EXIT_TRANSIENT,  # noqa: F401
+                               FAILURES, NO_RESTART, REQUEUE_REQUEST, RUN_CONFIG)
 from launch.watch_schema import LoggingConfig, ResilienceConfig
 
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
@@ -28,6 +28,7 @@ RECOMPUTE = ("none", "selective", "full")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 DATA_KINDS = ("synthetic", "indexed")
 NAN_ACTIONS = ("stop", "skip")
+LR_SCHEDULE_ON_RESUME = ("error", "checkpoint", "config")
 
 
 @dataclass
@@ -180,9 +181,15 @@ class TrainConfig:
     on_nan: str = "stop"
     """A non-finite loss: ``stop`` the run (one alert; the last committed checkpoint is intact),
     or ``skip`` the step (no parameter update, one alert per run) and go on."""
+    lr_schedule_on_resume: str = "error"
+    """Resuming with another lr/wd schedule than the checkpoint's: ``error`` refuses at launch
+    (Megatron-LM's default), ``checkpoint`` keeps the saved one (its use_checkpoint_opt_param_
+    scheduler), ``config`` follows this config from the saved step (override_opt_param_scheduler)."""
 
     def problems(self) -> list[str]:
         out = choice_problem("train.precision", self.precision, PRECISIONS)
+        out += choice_problem("train.lr_schedule_on_resume", self.lr_schedule_on_resume,
+                              LR_SCHEDULE_ON_RESUME)
         if self.init_from and not os.path.isdir(self.init_from):
             out.append(f"train.init_from={self.init_from!r} is not a directory; give a Hugging "
                        "Face Llama directory, one written by python -m tools.convert_hf import, "

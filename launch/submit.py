@@ -11,6 +11,7 @@ import dataclasses
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import Any, Optional
 import psutil
 import submitit
 
-from launch import sbatch
+from launch import rank_exit, sbatch
 from launch.config import ConfigError, to_yaml
 from launch.planning import time_limit
 from launch.schema import RUN_CONFIG, RunConfig
@@ -174,12 +175,22 @@ def run_rank(argv: list[str], cwd: str) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
     if code != 0:
+        _claim_first_exit(Path(argv[-1]).parent, 128 - code if code < 0 else code)
         _kill_peer_ranks()
         # as the batch script does after srun: the alert of last resort (megatron_ext.job_end)
         shell_code = 128 - code if code < 0 else code  # a signal, as the shell reports it
         subprocess.run([argv[0], "-m", "megatron_ext.job_end", argv[-1], str(shell_code)],
                        cwd=cwd, check=False)
         raise RuntimeError(f"rank exited with code {code}: {shlex.join(argv)}")
+
+
+def _claim_first_exit(run_dir: Path, shell_code: int) -> None:
+    """Record this rank as the first that failed, unless one already is: its peers are killed
+    next (``_kill_peer_ranks``) and would otherwise look as dead as it does."""
+    rank = os.environ.get("SUBMITIT_LOCAL_GLOBALID", "?")
+    with contextlib.suppress(FileExistsError, OSError):
+        with open(run_dir / rank_exit.FIRST_EXIT, "x") as f:
+            f.write(f"{rank} {socket.gethostname()} {shell_code}\n")
 
 
 def _kill_peer_ranks() -> None:
@@ -203,8 +214,9 @@ def _kill_peer_ranks() -> None:
                     os.killpg(rank.pid, signal.SIGKILL)
 
 
-def follow(job: submitit.Job, poll_s: float = 0.5) -> int:
-    """Stream rank 0's output while the job runs; the exit code says whether every rank finished."""
+def follow(job: submitit.Job, cfg: RunConfig, poll_s: float = 0.5) -> int:
+    """Stream rank 0's output while the job runs; the exit code says whether every rank
+    finished, and a failure is explained (``rank_exit``: which rank died first and how)."""
     stdout = job.task(0).paths.stdout
     offset = 0
     while True:
@@ -220,6 +232,10 @@ def follow(job: submitit.Job, poll_s: float = 0.5) -> int:
             break
         time.sleep(poll_s)
     failed = [t for t in range(job.num_tasks) if job.task(t).exception() is not None]
+    if failed:
+        first = rank_exit.died(Path(cfg.run_dir), None, 0)
+        code = first.code if first else 1
+        print(f"job failed: {rank_exit.what_happened(cfg, code)}", file=sys.stderr)
     for task in failed:
         print(f"rank {task} failed; its log: {job.task(task).paths.stderr}", file=sys.stderr)
     return 1 if failed else 0

@@ -35,11 +35,14 @@ class RunEnv:
     requeue, so whatever is keyed by it (the W&B run) continues."""
     slurm_array_job: Optional[str] = None
     """The array's job id: the tasks of one array are one sweep."""
+    node: str = ""
+    """The Slurm node this rank runs on (``SLURMD_NODENAME``; several may share a host), else
+    the hostname."""
 
     @classmethod
     def from_env(cls) -> "RunEnv":
         hostname = socket.gethostname()
-        slurm = slurm_ids(os.environ)
+        slurm = {**slurm_ids(os.environ), "node": os.environ.get("SLURMD_NODENAME", hostname)}
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun or a pre-exported env
             return cls(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
                        local_rank=int(os.environ.get("LOCAL_RANK", 0)),

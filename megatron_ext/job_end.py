@@ -13,12 +13,15 @@ which nodes, why, drained or not, requeued without them or not) is then the aler
 """
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from pathlib import Path
 
+from launch import rank_exit
 from launch.config import load
 from launch.run_folder import BAD_NODES
+from launch.schema import RunConfig
 from megatron_ext import alerts
 
 PLANNED_EXITS = (0, 128 + signal.SIGTERM)
@@ -43,9 +46,40 @@ def gave_up(failures: int, max_restarts: int, exit_code: int) -> str:
             f"again (cluster.max_restarts={max_restarts}); the rank logs of each attempt say why")
 
 
+def _node_failure(cfg: RunConfig, previous: str) -> int:
+    """The previous attempt ended with its node: Slurm killed the batch script with the job
+    (NODE_FAIL) and requeued it, so no teardown told anyone. Said once, by the next attempt."""
+    node = rank_exit.failed_node(previous)
+    if node is None:
+        return 0
+    message = (f"node {node} failed and Slurm requeued the job; "
+               f"{rank_exit.last_committed(cfg.checkpoint.dir)}, which this attempt resumes")
+    print(f"previous attempt: {message}", file=sys.stderr, flush=True)
+    alerts.Alerts.from_config(cfg, rank=alerts.LAUNCHER).send_now(alerts.FAILURE, message,
+                                                                   rank=alerts.LAUNCHER)
+    return 0
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m megatron_ext.job_end")
+    parser.add_argument("config")
+    parser.add_argument("code", type=int)
+    parser.add_argument("failures", type=int, nargs="?", default=0)
+    parser.add_argument("--srun-log", help="the batch script's stderr, where srun reports tasks")
+    parser.add_argument("--from", dest="offset", type=int, default=0,
+                        help="where this attempt's part of --srun-log starts (bytes)")
+    parser.add_argument("--node-failure", action="store_true",
+                        help="the previous attempt, which Slurm ended itself: did a node fail?")
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    config, code, *failures = argv if argv is not None else sys.argv[1:]
-    cfg, exit_code = load(config), int(code)
+    args = _arguments(argv)
+    cfg, exit_code = load(args.config), args.code
+    if args.node_failure:
+        return _node_failure(cfg, rank_exit.read_from(args.srun_log or "", args.offset))
+    if exit_code in PLANNED_EXITS:
+        return 0
     claims = alerts.claims_dir(cfg)
     claimed = [p.name for p in claims.iterdir()] if claims.is_dir() else []
     bad_nodes = Path(cfg.run_dir) / BAD_NODES
@@ -53,13 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     if report:  # the check stopped the attempt before any rank started: every claim is the
         alerts.clear_claims(cfg)  # previous attempt's, and this is always said
         message = "node health check failed: " + "; ".join(report.splitlines())
-    elif failures and int(failures[0]) > 1:  # kept failing; with max_restarts=0 the first
-        # failure's own alert (or explain's) is the only one
-        message = gave_up(int(failures[0]), cfg.cluster.max_restarts, exit_code)
-    elif needs_alert(exit_code, claimed):
-        message = explain(exit_code)
     else:
-        return 0
+        story = rank_exit.what_happened(cfg, exit_code, args.srun_log, args.offset)
+        print(f"job attempt failed: {story}", file=sys.stderr, flush=True)
+        if args.failures > 1:  # kept failing; with max_restarts=0 the first failure's own
+            # alert (or explain's) is the only one
+            message = gave_up(args.failures, cfg.cluster.max_restarts, exit_code)
+        elif needs_alert(exit_code, claimed):
+            message = f"{explain(exit_code)}: {story}"
+        else:
+            return 0
     alerts.Alerts.from_config(cfg, rank=alerts.LAUNCHER).send_now(alerts.FAILURE, message,
                                                                    rank=alerts.LAUNCHER)
     return 0

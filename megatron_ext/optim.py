@@ -54,14 +54,23 @@ def _per_chunk(funcs: list[Callable]) -> Callable | list[Callable]:
     return funcs[0] if len(funcs) == 1 else funcs
 
 
-def build_optimizer(model: list[DistributedDataParallel], config: TransformerConfig,
-                    cfg: RunConfig) -> tuple[MegatronOptimizer, OptimizerParamScheduler]:
+def lr_scheduler(optimizer: MegatronOptimizer, cfg: RunConfig) -> OptimizerParamScheduler:
+    """Warmup then decay over ``train.steps``; on resume, ``train.lr_schedule_on_resume`` says
+    whose schedule wins when it differs from the checkpoint's: "error" (neither flag) makes
+    megatron assert they match (the launcher refuses that case first, naming the fields)."""
     o, t = cfg.optimizer, cfg.train
-    optimizer = get_megatron_optimizer(optimizer_config(config, cfg), model)
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_steps,
         lr_decay_steps=t.steps, lr_decay_style=t.lr_decay_style, start_wd=o.weight_decay,
-        end_wd=o.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant")
+        end_wd=o.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=t.lr_schedule_on_resume == "checkpoint",
+        override_opt_param_scheduler=t.lr_schedule_on_resume == "config")
+
+
+def build_optimizer(model: list[DistributedDataParallel], config: TransformerConfig,
+                    cfg: RunConfig) -> tuple[MegatronOptimizer, OptimizerParamScheduler]:
+    optimizer = get_megatron_optimizer(optimizer_config(config, cfg), model)
+    scheduler = lr_scheduler(optimizer, cfg)
     # The schedule calls these between micro-batches and after the last backward.
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss

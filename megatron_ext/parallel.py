@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 
 import torch
 import torch.distributed as dist
@@ -10,6 +11,8 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from launch.schema import Layout
 from megatron_ext.env import RunEnv
+
+log = logging.getLogger("megatron_ext.parallel")
 
 
 def init(layout: Layout, env: RunEnv, *, seed: int, timeout_s: float, use_gpu: bool) -> None:
@@ -22,6 +25,8 @@ def init(layout: Layout, env: RunEnv, *, seed: int, timeout_s: float, use_gpu: b
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group(backend="nccl" if use_gpu else "gloo",
                             timeout=datetime.timedelta(seconds=timeout_s))
+    log.info("rank %d of %d (local rank %d) on node %s joined through %s:%d", env.rank,
+             env.world_size, env.local_rank, env.node, env.master_addr, env.master_port)
     ps.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -70,6 +71,14 @@ def test_sigkill_of_one_rank_ends_the_job_non_zero(workdir: Path, receiver: Rece
     stdout, stderr = launch.communicate(timeout=60 + 30)  # collective timeout + 30 s
     assert launch.returncode != 0
     assert "failed" in stderr
+    # the launcher says which rank died first and how, and what resumes the run
+    story = next(line for line in stderr.splitlines() if line.startswith("job failed: "))
+    assert story.startswith(f"job failed: rank 1 on {socket.gethostname()} was killed by "
+                            "SIGKILL (SIGKILL is often the kernel's OOM killer"), story
+    assert f"no checkpoint was committed in {workdir / 'runs' / name / 'checkpoints'}" in story
+    assert story.endswith(f"to resume: cd {workdir} && {sys.executable} -m launch name={name} "
+                          "train.steps=300 checkpoint.save_interval=0 "
+                          "resilience.collective_timeout_s=60 logging.slack.enabled=true"), story
     assert time.monotonic() - killed_at < 90
     assert _rank_pids(f"runs/{name}/") == []  # no rank left hanging
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) < 300

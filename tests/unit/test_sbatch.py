@@ -219,7 +219,9 @@ def test_with_a_container_image_alone_the_alert_of_last_resort_runs_in_the_image
     assert ('if [ "$rc" -ne 0 ]; then srun --nodes=1 --ntasks=1 '
             "--container-image=/fsx/apps/slurm-llm.sqsh --container-mounts=/fsx:/fsx python -m "
             "megatron_ext.job_end /fsx/runs/llama/launches/2025-01-01_00-00-00/config.yaml "
-            '"$rc" $gave_up || true; fi') in teardown
+            '"$rc" $gave_up --srun-log /fsx/runs/llama/launches/2025-01-01_00-00-00/logs/'
+            '"${SLURM_JOB_ID}/${SLURM_JOB_ID}_0_log.err" --from "$attempt_log_from" || true; fi'
+            ) in teardown
 
 
 def test_a_failure_that_would_repeat_is_never_requeued(tmp_path: Path) -> None:
