@@ -180,6 +180,9 @@ class TrainConfig:
     on_nan: str = "stop"
     """A non-finite loss: ``stop`` the run (one alert; the last committed checkpoint is intact),
     or ``skip`` the step (no parameter update, one alert per run) and go on."""
+    probe_warmup_steps: int = 0
+    """A probe (``train=probe``) when > 0: rank 0 writes the median step time of the steps after
+    these to ``probe.json`` for ``tools.calibrate``; no checkpoint is loaded or saved."""
 
     def problems(self) -> list[str]:
         out = choice_problem("train.precision", self.precision, PRECISIONS)
@@ -197,6 +200,9 @@ class TrainConfig:
             out.append(f"train.tokens={self.tokens} must be >= 0 (0: no campaign planned)")
         if self.min_lr < 0 or self.min_lr > self.lr:
             out.append(f"train.min_lr={self.min_lr} must be between 0 and train.lr={self.lr}")
+        if self.probe_warmup_steps and not 0 < self.probe_warmup_steps <= self.steps - 5:
+            out.append(f"train.probe_warmup_steps={self.probe_warmup_steps} must be 0 (no probe) "
+                       f"or > 0 and leave at least 5 of train.steps={self.steps} to measure")
         if not 0 <= self.warmup_steps < self.steps:
             out.append(f"train.warmup_steps={self.warmup_steps} must be >= 0 and below "
                        f"train.steps={self.steps}")
