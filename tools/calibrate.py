@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -51,7 +52,8 @@ def probe_folders(folders: list[str]) -> list[Path]:
 def read_probe(run: Path) -> Probe:
     """The probe of one run folder: its config, layout and measured step time."""
     record = json.loads((run / PROBE_FILE).read_text())
-    return Probe(name=str(run), cfg=load(run / RUN_CONFIG), layout=Layout(**record["layout"]),
+    name = os.path.relpath(run)
+    return Probe(name=str(run) if name.startswith("..") else name, cfg=load(run / RUN_CONFIG), layout=Layout(**record["layout"]),
                  step_time_s=float(record["step_time_s"]), device=record["device"])
 
 
@@ -71,13 +73,12 @@ def fit_table(probes: list[Probe], result: Fit) -> str:
              "  time over nominal: " + ", ".join(
                  f"{part} x{k:.3g}" if ok else f"{part} not determined (nominal)"
                  for part, k, ok in zip(PARTS, result.factors, result.fitted))]
-    lines += ["", f"{'probe':<40} {'layout':<36} {'mbs':>3} {'measured':>9} {'predicted':>9}"
-                  f" {'error':>7}"]
+    lines += ["", f"{'layout':<36} {'mbs':>3} {'measured':>9} {'predicted':>9} {'error':>7}"
+                  "  run folder"]
     for p, measured, predicted, error in zip(probes, result.measured_s, result.predicted_s,
                                              result.residuals):
-        lines.append(f"{p.name[-40:]:<40} {p.layout.describe():<36} "
-                     f"{p.cfg.train.micro_batch_size:>3} {measured:>8.4f}s {predicted:>8.4f}s "
-                     f"{error:>+7.1%}")
+        lines.append(f"{p.layout.describe():<36} {p.cfg.train.micro_batch_size:>3} "
+                     f"{measured:>8.4f}s {predicted:>8.4f}s {error:>+7.1%}  {p.name}")
     rms = math.sqrt(sum(e * e for e in result.residuals) / len(probes))
     return "\n".join(lines + [f"rms error {rms:.1%}"])
 
