@@ -12,10 +12,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hydra.errors import HydraException
 
+from launch.calibration_file import with_calibration
 from launch.config import (CONF_DIR, compose, explicit_keys, one_line_error, register_schema,
                            to_run_config, validate)
-from launch.prepare import (absolutize, choose_layout, data_problems, for_sweep_point,
-                            launch_command, prepare_data, write_run_dir)
+from launch.prepare import (absolutize, choose_layout, data_problems, for_probe,
+                            for_sweep_point, launch_command, prepare_data, write_run_dir)
 from launch.planning.time_limit import with_time_limit
 from launch import resume
 from launch.schema import RunConfig
@@ -56,11 +57,13 @@ def _typed(cfg: DictConfig) -> RunConfig:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(raw: DictConfig) -> None:
-    cfg = absolutize(_typed(raw), Path.cwd())
+    cfg, calibration_problems = with_calibration(absolutize(_typed(raw), Path.cwd()))
+    _exit_on(calibration_problems)
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:  # sweep points must not resume each other's checkpoints
         cfg = for_sweep_point(cfg, hydra_cfg.job.override_dirname or str(hydra_cfg.job.num),
                               sweep=f"{cfg.name}-{Path(hydra_cfg.sweep.dir).name}")
+    cfg = for_probe(cfg)
     _exit_on(validate(cfg))  # before planning: the planner divides by what it checks
     cfg, layout, note = choose_layout(cfg, explicit_keys(hydra_cfg.overrides.task))
     _exit_on(validate(cfg, layout))
@@ -89,7 +92,11 @@ def main(raw: DictConfig) -> None:
     job = submit(cfg, config_path)
     print(f"submitted job {job.job_id}; run folder {cfg.run_dir}", flush=True)
     if cfg.cluster.kind == "local" and cfg.launch.wait:
-        sys.exit(follow(job, cfg))
+        code = follow(job, cfg)
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            sys.exit(code)
+        if code:  # sys.exit would end the sweep here; Hydra reports a raise after every point
+            raise RuntimeError(f"sweep point {cfg.sweep_point} failed; run folder {cfg.run_dir}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from launch.problems import choice_problem, positive_problem
@@ -30,6 +30,28 @@ def gpus_visible_here() -> bool:
         return False
     listed = Path("/proc/driver/nvidia/gpus")
     return listed.is_dir() and any(listed.iterdir())
+
+
+@dataclass
+class Calibration:
+    """Rates of the planner's step-time model measured by probe runs (``python -m tools.calibrate``
+    writes them to a file that ``cluster.calibration`` names); 0 keeps the nominal rate of
+    ``cluster.gpu`` and ``cluster.interconnect`` (launch/planning/planner.py)."""
+
+    compute_tflops: float = 0.0
+    """Model TFLOP/s one rank's matrix math achieves."""
+    link_gb_s: float = 0.0
+    """Bus bandwidth per rank, GB/s, of a collective inside a node."""
+    internode_gb_s: float = 0.0
+    """The same across nodes."""
+    latency_s: float = 0.0
+    """Fixed cost of one collective or pipeline transfer."""
+    layer_overhead_s: float = 0.0
+    """Per layer and micro-batch, forward and backward: kernel launches (Python on CPU ranks)."""
+
+    def problems(self) -> list[str]:
+        return [f"cluster.calibrated.{f.name}={getattr(self, f.name)} must be >= 0"
+                for f in fields(self) if getattr(self, f.name) < 0]
 
 
 @dataclass
@@ -126,6 +148,11 @@ class ClusterConfig:
     """Seconds from a failure to training again (detection by the collective timeout, requeue,
     node replacement, startup, checkpoint load), for ``tools.schedule``. An assumption (about 15
     min): measure a requeue on your cluster and set it."""
+    calibration: str = ""
+    """A file ``python -m tools.calibrate`` wrote from probe runs: its rates fill ``calibrated``
+    when the config is composed, for the planner, the time limit and ``tools.schedule``; empty:
+    the nominal rates."""
+    calibrated: Calibration = field(default_factory=Calibration)
     healthcheck: bool = True
     """Run slurm/healthcheck.sh on every node before training (a no-op without nvidia-smi):
     under ``auto_resume`` in the training step's first rank of each node, so that HyperPod
@@ -163,6 +190,7 @@ class ClusterConfig:
             out.append(f"cluster.cpus_per_task={self.cpus_per_task} must be > 0 (or 0 on Slurm: "
                        "what Slurm registered for the partition's nodes)")
         out += positive_problem("cluster.gpu_memory_gib", self.gpu_memory_gib)
+        out += self.calibrated.problems()
         out += positive_problem("cluster.storage_write_gbs", self.storage_write_gbs)
         out += positive_problem("cluster.node_mtbf_hours", self.node_mtbf_hours)
         out += [f"cluster.{name}={getattr(self, name)} must be >= 0"

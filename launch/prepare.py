@@ -43,6 +43,18 @@ def for_sweep_point(cfg: RunConfig, point: str, sweep: str) -> RunConfig:
     return dataclasses.replace(cfg, checkpoint=checkpoint, sweep=sweep, sweep_point=point)
 
 
+def for_probe(cfg: RunConfig) -> RunConfig:
+    """A probe (``train.probe_warmup_steps`` > 0) saves no checkpoint and resumes none: its
+    checkpoint folder is a fresh one in its run folder, since a name's usual folder may hold a
+    training run's checkpoints past the probe's last step; other runs are returned as given."""
+    if not cfg.train.probe_warmup_steps:
+        return cfg
+    checkpoint = dataclasses.replace(
+        cfg.checkpoint, dir=str(Path(cfg.run_dir) / "checkpoints"), save_interval=0,
+        interval_minutes=0.0, save_on_exit=False, s3_uri="")
+    return dataclasses.replace(cfg, checkpoint=checkpoint)
+
+
 def choose_layout(cfg: RunConfig, explicit: Collection[str] = frozenset()
                   ) -> tuple[RunConfig, Layout, str]:
     """The explicit layout, or for ``parallel=auto`` the planner's best, written into the config.

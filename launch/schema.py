@@ -5,8 +5,8 @@ Field names follow Megatron (``model.num_layers``, ``parallel.tp``, ``train.seq_
 Sections stay unfrozen because Hydra needs to apply overrides; the derived ``Layout`` is
 frozen. Each section reports its own problems as messages that name the field, the value
 and what is allowed; ``launch.config.validate`` adds the cross-section rules. The cluster,
-logging and resilience sections, and the run folder's file names, live in their own modules and
-are re-exported here.
+logging and resilience sections, the derived layout and the run folder's file names live in
+their own modules and are re-exported here.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from launch.cluster_schema import ClusterConfig
+from launch.layout import Layout  # noqa: F401
 from launch.problems import choice_problem, positive_problem
 from launch.run_folder import (ALERTS_SENT, ATTEMPT_LOG_FROM, EXIT_TRANSIENT,  # noqa: F401
                                FAILURES, NO_RESTART, REQUEUE_REQUEST, RUN_CONFIG)
@@ -185,6 +186,9 @@ class TrainConfig:
     """Resuming with another lr/wd schedule than the checkpoint's: ``error`` refuses at launch
     (Megatron-LM's default), ``checkpoint`` keeps the saved one (its use_checkpoint_opt_param_
     scheduler), ``config`` follows this config from the saved step (override_opt_param_scheduler)."""
+    probe_warmup_steps: int = 0
+    """A probe (``train=probe``) when > 0: rank 0 writes the median step time of the steps after
+    these to ``probe.json`` for ``tools.calibrate``; no checkpoint is loaded or saved."""
 
     def problems(self) -> list[str]:
         out = choice_problem("train.precision", self.precision, PRECISIONS)
@@ -204,6 +208,9 @@ class TrainConfig:
             out.append(f"train.tokens={self.tokens} must be >= 0 (0: no campaign planned)")
         if self.min_lr < 0 or self.min_lr > self.lr:
             out.append(f"train.min_lr={self.min_lr} must be between 0 and train.lr={self.lr}")
+        if self.probe_warmup_steps and not 0 < self.probe_warmup_steps <= self.steps - 5:
+            out.append(f"train.probe_warmup_steps={self.probe_warmup_steps} must be 0 (no probe) "
+                       f"or > 0 and leave at least 5 of train.steps={self.steps} to measure")
         if not 0 <= self.warmup_steps < self.steps:
             out.append(f"train.warmup_steps={self.warmup_steps} must be >= 0 and below "
                        f"train.steps={self.steps}")
@@ -370,26 +377,6 @@ class RunConfig:
     def display_name(self) -> str:
         """The run's name where people read it (W&B, Slack), with its sweep point if any."""
         return f"{self.name} [{self.sweep_point}]" if self.sweep_point else self.name
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A complete parallel layout; tp * pp * cp * dp == world_size."""
-
-    tp: int
-    pp: int
-    cp: int
-    dp: int
-    vpp: int = 1
-    sp: bool = False
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.cp * self.dp
-
-    def describe(self) -> str:
-        return (f"TP={self.tp} PP={self.pp} VPP={self.vpp} CP={self.cp} DP={self.dp} "
-                f"SP={'on' if self.sp else 'off'}")
 
 
 def runs_local_spec(cfg: RunConfig) -> bool:

@@ -32,7 +32,8 @@ from megatron_ext.exits import caused_by_a_peer, refuse_restart, transient
 from megatron_ext.init_from import has_checkpoint, load_pretrained, vocab_rows
 from megatron_ext.model import build_model, init_layout_independent
 from megatron_ext.optim import build_optimizer, wrap_ddp
-from megatron_ext.reporting import StepReporter
+from megatron_ext.probe import PROBE_FILE, write_probe
+from megatron_ext.reporting import METRICS_FILE, StepReporter
 from megatron_ext.signals import StopSignals
 from megatron_ext.spikes import NullSpikeDetector, SpikeDetector
 from megatron_ext.step import StepResult, train_step
@@ -251,6 +252,11 @@ def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Al
         alerts.send(alert_kinds.COMPLETE, f"finished {t.steps} steps", rank=env.rank)
         alerts.flush(timeout_s=10.0)  # W&B alerts go through the W&B run, which closes next
     loop.report.close()
+    if env.rank == 0 and t.probe_warmup_steps:
+        probe = write_probe(cfg, layout, Path(cfg.run_dir) / METRICS_FILE,
+                            "gpu" if use_gpu else "cpu")
+        log.info("probe: median step %.4f s over the %d steps after %d warm-up steps (%s)",
+                 probe["step_time_s"], probe["steady_steps"], t.probe_warmup_steps, PROBE_FILE)
     log.info("finished %d steps", t.steps)
 
 

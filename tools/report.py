@@ -14,6 +14,7 @@ from typing import Iterator
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from launch.calibration_file import with_calibration
 from launch.config import compose, explicit_keys, one_line_error, to_run_config, validate
 from launch.schema import RunConfig
 
@@ -48,7 +49,8 @@ def load_config(args: list[str], *, auto_ok: bool,
                "(e.g. parallel.tp=8 parallel.pp=4); python -m tools.planner picks one"])
     if auto_ok or layout_given:  # the planner always plans; the predictor takes what is given
         cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, auto=auto_ok))
-    problems = validate(cfg)
+    cfg, problems = with_calibration(cfg)
+    problems += validate(cfg)
     if problems:
         refuse([f"error: {p}" for p in problems])
     return cfg, as_json, explicit

@@ -13,6 +13,7 @@ from typing import Optional
 
 from launch.planning.campaign import Campaign, campaign
 from launch.planning.planner import configure, describe_pinned, pinned, plan
+from launch.schema import RunConfig
 from tools.report import load_config, refuse
 
 USAGE = """usage: python -m tools.schedule [--json] [key=value ...] train.tokens=N
@@ -28,8 +29,9 @@ interval that minimises lost time (Young's sqrt(2 x save x MTBF)). E.g.
 options:
   --json      a list of rows, one per node count (layout null where nothing fits)
   -h, --help  print this and exit"""
-UNCALIBRATED = ("step times are the planner's model, not measured on these GPUs: "
-                "probe the layout and set cluster.step_time_s before you book the cluster")
+UNCALIBRATED = ("step times are the planner's nominal model, not measured on these GPUs: "
+                "probe (train=probe), fit it (python -m tools.calibrate) and pass "
+                "cluster.calibration=<file>, or set cluster.step_time_s, before you book")
 
 
 def node_counts(args: list[str]) -> tuple[list[str], list[int]]:
@@ -47,7 +49,17 @@ def node_counts(args: list[str]) -> tuple[list[str], list[int]]:
     return rest, counts
 
 
-def schedule_table(rows: list[Campaign], unfit: list[str], title: str) -> str:
+def step_time_note(cfg: RunConfig) -> str:
+    """Where the step times come from: measured, calibrated, or the nominal model."""
+    if cfg.cluster.step_time_s:
+        return f"step times: cluster.step_time_s={cfg.cluster.step_time_s:g}, as measured"
+    if cfg.cluster.calibration:
+        return f"step times: the planner's model calibrated by {cfg.cluster.calibration}"
+    return UNCALIBRATED
+
+
+def schedule_table(rows: list[Campaign], unfit: list[str], title: str,
+                   note: str = UNCALIBRATED) -> str:
     """One block per node count, then the nodes nothing fits on and the calibration caveat."""
     lines = [title]
     for r in rows:
@@ -65,7 +77,7 @@ def schedule_table(rows: list[Campaign], unfit: list[str], title: str) -> str:
                   f"  least lost time: a save every {r.optimal_interval_s / 60:,.0f} min "
                   f"(checkpoint.save_interval={r.optimal_save_interval})"]
     lines += [f"{nodes} nodes: no layout fits" for nodes in unfit]
-    return "\n".join(lines + [f"note: {UNCALIBRATED}"])
+    return "\n".join(lines + [f"note: {note}"])
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -91,7 +103,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(json.dumps(out))
     else:
         print(schedule_table(rows, unfit, f"{cfg.model.name}, {cfg.train.tokens:,} tokens on "
-                                          f"{cfg.cluster.gpu}{describe_pinned(pins)}"))
+                                          f"{cfg.cluster.gpu}{describe_pinned(pins)}",
+                             step_time_note(cfg)))
     if not rows:
         sys.exit(1)
 

@@ -28,6 +28,7 @@ from types import MappingProxyType
 from typing import Any, Collection, Iterator, Mapping, Optional
 
 from launch.problems import divisors
+from launch.cluster_schema import Calibration
 from launch.schema import RECOMPUTE, ClusterConfig, Layout, RunConfig, runs_local_spec
 from launch.planning.flops import GPU_PEAK_BF16_TFLOPS, flops_per_token, kv_channels
 from launch.planning.memory import activation_element_bytes, predict, predict_all, stage_params
@@ -79,8 +80,17 @@ class Hardware:
         """The one place GPU type and interconnect become rates (``cluster.gpu``,
         ``cluster.interconnect``, ``cluster.gpus_per_node``)."""
         network = NODE_NETWORK_GBIT_S[(cluster.interconnect, cluster.gpu)]
-        return cls(gpu=cluster.gpu, nvlink_gb_s=NVLINK_BUS_GB_S[cluster.gpu],
-                   internode_gb_s=network / 8 / cluster.gpus_per_node)
+        nominal = cls(gpu=cluster.gpu, nvlink_gb_s=NVLINK_BUS_GB_S[cluster.gpu],
+                      internode_gb_s=network / 8 / cluster.gpus_per_node)
+        return nominal.calibrated(cluster.calibrated)
+
+    def calibrated(self, fit: Calibration) -> "Hardware":
+        """These rates with those probe runs measured (``cluster.calibrated``, written by
+        ``python -m tools.calibrate``) in place of the nominal ones; a 0 keeps the nominal."""
+        measured = {"achieved_fraction": fit.compute_tflops * 1e12 / self.peak_flops,
+                    "nvlink_gb_s": fit.link_gb_s, "internode_gb_s": fit.internode_gb_s,
+                    "latency_s": fit.latency_s, "layer_overhead_s": fit.layer_overhead_s}
+        return dataclasses.replace(self, **{k: v for k, v in measured.items() if v})
 
     @property
     def peak_flops(self) -> float:
@@ -260,12 +270,14 @@ def _dp_comm_s(cfg: RunConfig, layout: Layout, hw: Hardware) -> float:
     return 2 * hw.latency_s + (n - 1) / n * params * per_param / _bandwidth(hw, cfg, layout.tp * n)
 
 
-def step_time(cfg: RunConfig, layout: Layout, micro_batch_size: int, recompute: str) -> float:
-    """Seconds per optimizer step (module docstring); the global batch must split evenly."""
+def step_time(cfg: RunConfig, layout: Layout, micro_batch_size: int, recompute: str,
+              hw: Optional[Hardware] = None) -> float:
+    """Seconds per optimizer step (module docstring) on ``hw`` (default: ``cfg.cluster``'s);
+    the global batch must split evenly."""
     if micro_batches(cfg, layout, micro_batch_size) is None:
         raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} does not split "
                          f"into micro-batches of {micro_batch_size} over dp={layout.dp}")
-    hw = Hardware.for_cluster(cfg.cluster)
+    hw = hw or Hardware.for_cluster(cfg.cluster)
     return _step_s(cfg, layout, micro_batch_size, recompute, hw, _compute_s(cfg, recompute, hw),
                    _dp_comm_s(cfg, layout, hw))
 
