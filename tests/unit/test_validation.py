@@ -102,3 +102,13 @@ def test_a_loss_rising_k_evaluations_in_a_row_alerts_each_time_after() -> None:
 def test_the_progress_line_ends_with_the_validation_losses() -> None:
     val = {"val/loss": 3.25, "val/web/loss": 3.5, "val/code/loss": 3.0, "val/time_s": 1.23}
     assert format_validation(val) == " | val loss 3.2500 (web 3.5000, code 3.0000; 1.2 s)"
+
+
+def test_validation_has_its_own_wandb_section_and_the_start_alert_says_it_is_on() -> None:
+    from launch.eval_schema import describe
+    from megatron_ext.metrics import panel_key
+
+    assert panel_key("val/web_text_document/loss") == "val/web_text_document/loss"
+    assert describe(make_config("data=synthetic")) == (
+        "every 100 steps and after the last: 2 batches of 16 from each of synthetic")
+    assert describe(make_config("train.eval_interval=0", "train.eval_iters=0")) == "off"
