@@ -105,14 +105,19 @@ def build_train_dataset(cfg: RunConfig, cache_dir: str) -> GPTDataset:
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False)
     dataset_cls = GPTDataset if data.kind == "indexed" else MockGPTDataset
-    sizes = [train.steps * train.global_batch_size, 0, 0]
+    return build_splits(dataset_cls, [train.steps * train.global_batch_size, 0, 0], config)[0]
+
+
+def build_splits(dataset_cls: type, sizes: list[int], config: GPTDatasetConfig
+                 ) -> list[Optional[GPTDataset]]:
+    """megatron's train/valid/test datasets; rank 0 builds the sample index into the cache
+    first, the others then read it."""
     built: list[Optional[GPTDataset]] = []
     for builder_turn in (True, False):
-        is_rank0 = dist.get_rank() == 0
-        if is_rank0 == builder_turn:
+        if (dist.get_rank() == 0) == builder_turn:
             built = BlendedMegatronDatasetBuilder(dataset_cls, sizes, lambda: True, config).build()
         dist.barrier()
-    return built[0]
+    return built
 
 
 @dataclass(frozen=True)

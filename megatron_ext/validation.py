@@ -12,24 +12,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
-
 import torch
 import torch.distributed as dist
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from launch.eval_schema import EvalSource, eval_sources
 from launch.schema import RunConfig
 from megatron_ext import parallel
-from megatron_ext.data import BatchPlan, load_tokenizer, microbatches
+from megatron_ext.data import BatchPlan, build_splits, load_tokenizer, microbatches
 from megatron_ext.step import _forward_step
 
 
 def build_eval_dataset(cfg: RunConfig, source: EvalSource, cache_dir: str) -> GPTDataset:
-    """The validation split of one source, ``eval_iters`` global batches long; rank 0 builds
-    megatron's sample index first, the others then read it (as the training set)."""
+    """The validation split of one source, ``eval_iters`` global batches long."""
     t = cfg.train
     config = GPTDatasetConfig(
         random_seed=t.seed, sequence_length=t.seq_length,
@@ -39,13 +35,7 @@ def build_eval_dataset(cfg: RunConfig, source: EvalSource, cache_dir: str) -> GP
         create_attention_mask=False)
     config.split_matrix = [None, config.split_matrix[1], None]  # no index for the other parts
     dataset_cls = GPTDataset if source.path else MockGPTDataset
-    sizes = [0, t.eval_iters * t.global_batch_size, 0]
-    built: list[Optional[GPTDataset]] = []
-    for builder_turn in (True, False):
-        if (dist.get_rank() == 0) == builder_turn:
-            built = BlendedMegatronDatasetBuilder(dataset_cls, sizes, lambda: True, config).build()
-        dist.barrier()
-    return built[1]
+    return build_splits(dataset_cls, [0, t.eval_iters * t.global_batch_size, 0], config)[1]
 
 
 @dataclass
