@@ -127,11 +127,25 @@ class ClusterConfig:
     node replacement, startup, checkpoint load), for ``tools.schedule``. An assumption (about 15
     min): measure a requeue on your cluster and set it."""
     healthcheck: bool = True
-    """Run slurm/healthcheck.sh on every node before training (a no-op without nvidia-smi)."""
+    """Run slurm/healthcheck.sh on every node before training (a no-op without nvidia-smi):
+    under ``auto_resume`` in the training step's first rank of each node, so that HyperPod
+    replaces a bad node; elsewhere in a step of its own, bad nodes drained and excluded."""
+    efa_devices: int = 0
+    """EFA devices each node must show (``fi_info -p efa``) for the health check; 0: not
+    checked. Per instance type, as AWS's EC2 specifications list them: p4d/p4de.24xlarge 4,
+    p5/p5e.48xlarge 32, p5en.48xlarge 16 (EFAv3, 200 Gbps each)."""
+    require_efa: bool = False
+    """Stop the job, with one alert, when NCCL chose a transport other than aws-ofi-nccl's
+    (sockets run a multi-node job at a fraction of its speed); on for the AWS profiles."""
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    def healthcheck_args(self) -> list[str]:
+        """slurm/healthcheck.sh's arguments, the same wherever it runs (its own step, or the
+        first rank of each node under auto-resume): GPUs, GiB per GPU, EFA devices."""
+        return [str(self.gpus_per_node), f"{self.gpu_memory_gib:g}", str(self.efa_devices)]
 
     @property
     def cpu_ranks(self) -> bool:
@@ -153,8 +167,12 @@ class ClusterConfig:
         out += positive_problem("cluster.node_mtbf_hours", self.node_mtbf_hours)
         out += [f"cluster.{name}={getattr(self, name)} must be >= 0"
                 for name in ("step_time_s", "save_time_s", "time_limit_margin_s", "max_restarts",
-                             "node_hour_price", "restart_time_s")
+                             "node_hour_price", "restart_time_s", "efa_devices")
                 if getattr(self, name) < 0]
+        if (self.efa_devices or self.require_efa) and self.interconnect != "efa":
+            out.append(f"cluster.efa_devices={self.efa_devices} and cluster.require_efa="
+                       f"{self.require_efa} need cluster.interconnect=efa (it is "
+                       f"{self.interconnect}); use 0 and false without EFA")
         if self.debug and (self.kind != "local" or self.world_size != 1):
             out.append("cluster.debug=true runs one rank in the foreground: it needs "
                        "cluster.kind=local and cluster.gpus_per_node=1")

@@ -26,3 +26,10 @@ FAILURES = "failures"
 """File in ``run_dir``: how many attempts of this launch failed and were requeued (the batch
 script's count for ``cluster.max_restarts``; time-limit requeues are not failures)."""
 
+HEALTHCHECK_LOG = "healthcheck.log"
+"""File in ``run_dir``: the node health check's output of the job attempt's every node, where the
+batch script runs it in a step of its own (clusters without HyperPod's auto-resume)."""
+BAD_NODES = "bad-nodes"
+"""File in ``run_dir`` slurm/node_failed.sh writes after a failed node health check: the nodes,
+why, and whether they were drained and the job requeued without them; the batch script's
+``megatron_ext.job_end`` posts it as the failure alert."""

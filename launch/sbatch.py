@@ -21,6 +21,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from launch.schema import (ALERTS_SENT, FAILURES, NO_RESTART, REQUEUE_REQUEST, RUN_CONFIG,
                            ClusterConfig, RunConfig)
+from launch.run_folder import BAD_NODES, HEALTHCHECK_LOG
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,7 +37,8 @@ def rank_argv(config_path: Path, python: str) -> list[str]:
     return [python, "-m", "megatron_ext.train", str(config_path)]
 
 
-def _setup_lines(c: ClusterConfig, repo: Path) -> list[str]:
+def _setup_lines(cfg: RunConfig, repo: Path, python: str) -> list[str]:
+    c = cfg.cluster
     lines = [
         "# The submitter's environment reaches every rank (--export=ALL, Slurm's default):",
         "# secrets such as WANDB_API_KEY and SLACK_WEBHOOK_URL are read there, never written here.",
@@ -46,13 +48,39 @@ def _setup_lines(c: ClusterConfig, repo: Path) -> list[str]:
     lines += ["source " + shlex.quote(str(repo / "slurm" / "env" / f"{name}.sh"))
               for name in env_files]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in sorted(c.env.items())]
-    if c.healthcheck:
-        check = ["srun", f"--ntasks={c.nodes}", "--ntasks-per-node=1", "bash",
-                 str(repo / "slurm" / "healthcheck.sh"), str(c.gpus_per_node),
-                 f"{c.gpu_memory_gib:g}"]
-        lines.append(shlex.join(check) + ' || { echo "node health check failed; job stopped" >&2;'
-                     " exit 1; }")
+    if c.container_image and not c.venv:
+        lines.append(_image_check_line(c))
+    # Under HyperPod's auto-resume the first rank of each node runs the check inside the
+    # training step (megatron_ext/node_check.py): a failure in a step of its own would end the
+    # job, where a failed training step gets its node replaced and is retried.
+    if c.healthcheck and not c.auto_resume:
+        lines += _healthcheck_lines(cfg, repo, python)
     return lines
+
+
+def _image_check_line(c: ClusterConfig) -> str:
+    """One task of the image imports the rank code first: an image without this package (or
+    its dependencies) stops the job with one line naming the field, not a traceback per rank."""
+    probe = ["srun", "--nodes=1", "--ntasks=1", *_container_args(c), "python", "-c",
+             "import megatron_ext.train"]
+    why = (f"cluster.container_image={c.container_image} cannot run the ranks: import "
+           "megatron_ext.train failed in it; build the image from slurm/container/Dockerfile "
+           "(README: A container image for HyperPod)")
+    return f"{shlex.join(probe)} || {{ echo {shlex.quote(why)} >&2; exit 1; }}"
+
+
+def _healthcheck_lines(cfg: RunConfig, repo: Path, python: str) -> list[str]:
+    """One check per node; on failure slurm/node_failed.sh names, drains and excludes the bad
+    nodes and has job_end post what it did; the job stops before any rank starts."""
+    c, run_dir = cfg.cluster, Path(cfg.run_dir)
+    log = str(run_dir / HEALTHCHECK_LOG)
+    check = ["srun", f"--ntasks={c.nodes}", "--ntasks-per-node=1", "bash",
+             str(repo / "slurm" / "healthcheck.sh"), *c.healthcheck_args()]
+    # job_end (exit code 1) goes last: node_failed.sh posts its report before a requeue
+    failed = ["bash", str(repo / "slurm" / "node_failed.sh"), log, str(c.nodes), str(run_dir),
+              str(c.max_restarts), "1" if c.requeue else "0", *_job_end_argv(cfg, python), "1"]
+    return [f"{shlex.join(check)} 2>&1 | tee {shlex.quote(log)}; checked=${{PIPESTATUS[0]}}",
+            f'if [ "$checked" -ne 0 ]; then {shlex.join(failed)}; exit 1; fi']
 
 
 def _requeue_request(cfg: RunConfig) -> str:
@@ -95,16 +123,23 @@ def _teardown_lines(cfg: RunConfig, python: str) -> list[str]:
     container image (HyperPod), whose Python the host lacks.
     """
     lines = ["rc=$?"] + (_restart_lines(cfg) if cfg.cluster.requeue else ['gave_up=""'])
-    c = cfg.cluster
-    job_end = [rank_python(c, python), "-m", "megatron_ext.job_end",
-               str(Path(cfg.run_dir) / RUN_CONFIG)]
-    if c.container_image and not c.venv:
-        job_end = ["srun", "--nodes=1", "--ntasks=1", *_container_args(c)] + job_end
-    lines.append(f'if [ "$rc" -ne 0 ]; then {shlex.join(job_end)} "$rc" $gave_up || true; fi')
+    job_end = shlex.join(_job_end_argv(cfg, python))
+    lines.append(f'if [ "$rc" -ne 0 ]; then {job_end} "$rc" $gave_up || true; fi')
     if cfg.cluster.requeue:
         request = _requeue_request(cfg)
         lines.append(f'if [ -e {request} ]; then rm -f {request}; scontrol requeue "$SLURM_JOB_ID"; fi')
     return lines + ['exit "$rc"']
+
+
+def _job_end_argv(cfg: RunConfig, python: str) -> list[str]:
+    """``megatron_ext.job_end`` by the host's Python where it has the ranks' (a venv, the
+    launcher's), else in one task of the container image, whose Python the host lacks."""
+    c = cfg.cluster
+    job_end = [rank_python(c, python), "-m", "megatron_ext.job_end",
+               str(Path(cfg.run_dir) / RUN_CONFIG)]
+    if c.container_image and not c.venv:
+        return ["srun", "--nodes=1", "--ntasks=1", *_container_args(c)] + job_end
+    return job_end
 
 
 def _srun_args(c: ClusterConfig) -> list[str]:
@@ -132,9 +167,9 @@ def slurm_params(cfg: RunConfig, python: str, repo: Path = REPO) -> dict[str, An
     params: dict[str, Any] = {
         "job_name": cfg.name, "nodes": c.nodes, "ntasks_per_node": c.gpus_per_node,
         "time": c.timeout_min, "wckey": None,
-        "setup": _setup_lines(c, repo) + [
-            "rm -rf " + " ".join(shlex.quote(str(Path(cfg.run_dir) / name))
-                                 for name in (REQUEUE_REQUEST, ALERTS_SENT, NO_RESTART))],
+        "setup": _setup_lines(cfg, repo, python) + [
+            "rm -rf " + " ".join(shlex.quote(str(Path(cfg.run_dir) / name)) for name in
+                                 (REQUEUE_REQUEST, ALERTS_SENT, NO_RESTART, BAD_NODES))],
         "teardown": _teardown_lines(cfg, python),
         "srun_args": _srun_args(c),
         # submitit's own --signal (USR2@90) is for its pickled wrapper, which is not used here.

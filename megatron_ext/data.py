@@ -9,17 +9,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy
 import torch
-import torch.distributed as dist
+from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer as MegatronTokenizer
 
 from launch.schema import DataConfig, RunConfig
 from launch import tokenizer as tokenizer_rule
+from megatron_ext.passes import SourcePasses
 
 
 class HFTokenizer(MegatronTokenizer):
@@ -92,32 +93,38 @@ def load_tokenizer(data: DataConfig, model_vocab_size: int) -> MegatronTokenizer
     return tokenizer
 
 
-def build_train_dataset(cfg: RunConfig, cache_dir: str) -> GPTDataset:
-    """Rank 0 builds megatron's sample index into ``cache_dir`` first; the others then read it."""
-    data, train = cfg.data, cfg.train
-    blend = None
-    if data.kind == "indexed":
-        blend = ([s.path for s in data.sources], [s.weight for s in data.sources])
-    config = GPTDatasetConfig(
-        random_seed=train.seed, sequence_length=train.seq_length, blend=blend,
-        split=data.split, path_to_cache=cache_dir,
-        tokenizer=load_tokenizer(data, cfg.model.vocab_size),
+def _dataset_config(cfg: RunConfig, cache_dir: str, blend: Optional[tuple]) -> GPTDatasetConfig:
+    return GPTDatasetConfig(
+        random_seed=cfg.train.seed, sequence_length=cfg.train.seq_length, blend=blend,
+        split=cfg.data.split, path_to_cache=cache_dir,
+        tokenizer=load_tokenizer(cfg.data, cfg.model.vocab_size),
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False)
-    dataset_cls = GPTDataset if data.kind == "indexed" else MockGPTDataset
-    return build_splits(dataset_cls, [train.steps * train.global_batch_size, 0, 0], config)[0]
 
 
-def build_splits(dataset_cls: type, sizes: list[int], config: GPTDatasetConfig
-                 ) -> list[Optional[GPTDataset]]:
-    """megatron's train/valid/test datasets; rank 0 builds the sample index into the cache
-    first, the others then read it."""
-    built: list[Optional[GPTDataset]] = []
-    for builder_turn in (True, False):
-        if (dist.get_rank() == 0) == builder_turn:
-            built = BlendedMegatronDatasetBuilder(dataset_cls, sizes, lambda: True, config).build()
-        dist.barrier()
-    return built
+def _one_epoch(cfg: RunConfig, cache_dir: str, path: Optional[str]) -> GPTDataset:
+    """One epoch of one source's training split (megatron's order; built by rank 0 first)."""
+    dataset_cls = GPTDataset if path is not None else MockGPTDataset
+    blend = ([path], None) if path is not None else None
+    return BlendedMegatronDatasetBuilder(dataset_cls, [None, None, None], lambda: True,
+                                         _dataset_config(cfg, cache_dir, blend)).build()[0]
+
+
+def build_train_dataset(cfg: RunConfig, cache_dir: str) -> Union[SourcePasses, BlendedDataset]:
+    """``train.steps`` global batches of samples; sample ``i`` is the same whatever
+    ``train.steps`` is (``megatron_ext.passes``), so an extended run keeps its data order."""
+    data, train = cfg.data, cfg.train
+    num_samples = train.steps * train.global_batch_size
+    paths = [s.path for s in data.sources] if data.kind == "indexed" else [None]
+    sources = [SourcePasses.covering(_one_epoch(cfg, cache_dir, path), train.seed, num_samples)
+               for path in paths]
+    if len(sources) == 1:
+        return sources[0]
+    weights = [s.weight for s in data.sources]
+    weights = [w / sum(weights) for w in weights]
+    return BlendedMegatronDatasetBuilder.build_generic_dataset(
+        BlendedDataset, lambda: True, True, sources, weights, num_samples,
+        _dataset_config(cfg, cache_dir, None))
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,18 @@ local launcher (after a rank ends) run ``python -m megatron_ext.job_end <config.
 <exit code> [<failures>]``: it posts one failure alert unless a rank already claimed one that
 says why the attempt ended (``alerts.ONCE_PER_JOB`` in ``run_dir/alerts-sent/``); with
 ``<failures>``, the batch script gave the job up after that many failed attempts
-(``cluster.max_restarts``), which is always said.
+(``cluster.max_restarts``), which is always said. After a failed node health check the batch
+script runs it before any rank started; slurm/node_failed.sh's report (``run_dir/bad-nodes``:
+which nodes, why, drained or not, requeued without them or not) is then the alert.
 """
 from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 
 from launch.config import load
+from launch.run_folder import BAD_NODES
 from megatron_ext import alerts
 
 PLANNED_EXITS = (0, 128 + signal.SIGTERM)
@@ -44,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg, exit_code = load(config), int(code)
     claims = alerts.claims_dir(cfg)
     claimed = [p.name for p in claims.iterdir()] if claims.is_dir() else []
-    if failures and int(failures[0]) > 1:  # kept failing; with max_restarts=0 the first
+    bad_nodes = Path(cfg.run_dir) / BAD_NODES
+    report = bad_nodes.read_text().strip() if bad_nodes.is_file() else ""
+    if report:  # the check stopped the attempt before any rank started: every claim is the
+        alerts.clear_claims(cfg)  # previous attempt's, and this is always said
+        message = "node health check failed: " + "; ".join(report.splitlines())
+    elif failures and int(failures[0]) > 1:  # kept failing; with max_restarts=0 the first
         # failure's own alert (or explain's) is the only one
         message = gave_up(int(failures[0]), cfg.cluster.max_restarts, exit_code)
     elif needs_alert(exit_code, claimed):

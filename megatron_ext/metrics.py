@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -105,6 +106,7 @@ class MetricsLogger:
         import wandb  # only rank 0 pays the import
 
         run_dir.mkdir(parents=True, exist_ok=True)
+        self._closed = False
         self.offline_fallback: Optional[str] = None
         """Why the run logs offline though ``mode=online`` was asked, and how to sync it."""
         try:
@@ -139,8 +141,20 @@ class MetricsLogger:
     def log(self, step: int, values: dict[str, float]) -> None:
         self._run.log({panel_key(name): value for name, value in values.items()}, step=step)
 
-    def close(self, exit_code: int = 0) -> None:
-        self._run.finish(exit_code=exit_code)
+    def close(self, exit_code: int = 0, timeout_s: Optional[float] = None) -> None:
+        """Finish the run: W&B writes a step's row, and its buffered records, only then (a
+        process that ends without it loses the last step, often the whole attempt). A failing
+        rank passes ``timeout_s``: an unreachable server may not hold up its exit."""
+        if self._closed:
+            return
+        self._closed = True
+        finish = threading.Thread(target=self._run.finish, kwargs={"exit_code": exit_code},
+                                  name="wandb-finish", daemon=True)
+        finish.start()
+        finish.join(timeout_s)
+        if finish.is_alive():
+            log.warning("W&B did not finish within %.0f s; its last records may be missing",
+                        timeout_s)
 
 
 class NullMetricsLogger:
@@ -152,7 +166,7 @@ class NullMetricsLogger:
     def log(self, step: int, values: dict[str, float]) -> None:
         pass
 
-    def close(self, exit_code: int = 0) -> None:
+    def close(self, exit_code: int = 0, timeout_s: Optional[float] = None) -> None:
         pass
 
 

@@ -77,7 +77,9 @@ class StepReporter:
                                      step_s, values["tokens_per_s"], eta)
                      + (format_validation(val) if val else ""))
 
-    def close(self) -> None:
-        self._wandb.close(0)
-        if self._file:
+    def close(self, exit_code: int = 0, timeout_s: Optional[float] = None) -> None:
+        """After the last step, or bounded by ``timeout_s`` on the way out of a failed or
+        stopped attempt, so W&B keeps every step the attempt ran."""
+        self._wandb.close(exit_code, timeout_s)
+        if self._file and not self._file.closed:
             self._file.close()

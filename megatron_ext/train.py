@@ -22,7 +22,7 @@ from launch.config import derive_layout, load, to_yaml
 from launch.eval_schema import describe as describe_validation
 from launch.schema import EXIT_TRANSIENT, REQUEUE_REQUEST, Layout, RunConfig, TrainConfig
 from megatron_ext import alerts as alert_kinds
-from megatron_ext import parallel
+from megatron_ext import nccl_net, node_check, parallel
 from megatron_ext.alerts import Alerts
 from megatron_ext.checkpoint import Checkpointer
 from megatron_ext.cpu import cpu_mode
@@ -39,7 +39,7 @@ from megatron_ext.spikes import NullSpikeDetector, SpikeDetector
 from megatron_ext.step import StepResult, train_step
 from megatron_ext.straggler import NullStragglerDetector, StragglerDetector, pipeline_position
 from megatron_ext.validation import NullValidator, Validator
-from megatron_ext.watchdog import NullWatchdog, Watchdog, record_collectives
+from megatron_ext.watchdog import EXIT_CODE_HANG, NullWatchdog, Watchdog, record_collectives
 from launch.planning.memory import predict
 
 log = logging.getLogger("megatron_ext.train")
@@ -55,6 +55,9 @@ def _setup_logging(rank: int) -> None:
 _MAX_NAN_SKIPS = 10
 """Consecutive non-finite steps after which ``train.on_nan=skip`` stops anyway: by then the
 weights, not a bad batch, are the problem, and skipping on would burn the allocation."""
+_FLUSH_TIMEOUT_S = 30.0  # a hung rank waits at most this for W&B to write its last records
+# (exceptions and SystemExit need nothing: wandb's own atexit hook finishes the run; os._exit
+# skips it)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -168,6 +171,7 @@ class Loop:
               run: Training, start_step: int, watchdog: Watchdog | NullWatchdog) -> "Loop":
         report = StepReporter(cfg, env, layout, use_gpu, start_step)
         watchdog.context = lambda: f"last committed checkpoint: step {run.ckpt.last_committed_step}"
+        watchdog.before_exit = functools.partial(report.close, EXIT_CODE_HANG, _FLUSH_TIMEOUT_S)
         straggler = StragglerDetector.from_config(
             cfg, group=None, rank=env.rank, hostname=env.hostname,
             role=pipeline_position(parallel.pp_rank(), layout.pp))
@@ -246,6 +250,8 @@ def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Al
     with watchdog.section("start-up (process groups, model, checkpoint load)",
                           cfg.resilience.watchdog.first_step_timeout_s):
         run = build(cfg, env, layout, use_gpu, alerts)
+        if use_gpu:
+            nccl_net.confirm(cfg, env.rank)  # the transport NCCL chose; not EFA: stop
         resume = run.ckpt.load_latest()
     start_step, consumed = resume.step, resume.consumed_samples
     loop = Loop.start(cfg, env, layout, use_gpu, alerts, run, start_step, watchdog)
@@ -301,12 +307,16 @@ def main(argv: list[str] | None = None) -> int:
         refuse_restart(cfg.run_dir, why)
         return 2
     if use_gpu:
+        nccl_net.prepare(cfg, env.rank)
         record_collectives()  # before the NCCL group exists, for the watchdog's hang dump
     else:
         torch.set_num_threads(cfg.cluster.cpus_per_task)  # ranks share the cores; don't oversubscribe
     alerts = Alerts.from_config(cfg, rank=env.rank)
     if env.rank == 0:
         alert_kinds.clear_claims(cfg)
+    if node_check.failed_in_step(cfg.cluster, env.local_rank, env.rank, alerts):
+        alerts.close()
+        return EXIT_TRANSIENT
     with contextlib.nullcontext() if use_gpu else cpu_mode():
         try:
             train(cfg, env, derive_layout(cfg), use_gpu, alerts)

@@ -10,32 +10,34 @@ eval mode under ``no_grad``, reads no training sample and draws no random number
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from launch.eval_schema import EvalSource, eval_sources
 from launch.schema import RunConfig
 from megatron_ext import parallel
-from megatron_ext.data import BatchPlan, build_splits, load_tokenizer, microbatches
+from megatron_ext.data import BatchPlan, _dataset_config, microbatches
 from megatron_ext.step import _forward_step
 
 
 def build_eval_dataset(cfg: RunConfig, source: EvalSource, cache_dir: str) -> GPTDataset:
-    """The validation split of one source, ``eval_iters`` global batches long."""
+    """The validation split of one source, ``eval_iters`` global batches long (megatron's
+    builder: rank 0 writes the sample index into the cache first)."""
     t = cfg.train
-    config = GPTDatasetConfig(
-        random_seed=t.seed, sequence_length=t.seq_length,
-        blend=([source.path], None) if source.path else None, split=source.split,
-        path_to_cache=cache_dir, tokenizer=load_tokenizer(cfg.data, cfg.model.vocab_size),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        create_attention_mask=False)
+    config = dataclasses.replace(
+        _dataset_config(cfg, cache_dir, ([source.path], None) if source.path else None),
+        split=source.split)
     config.split_matrix = [None, config.split_matrix[1], None]  # no index for the other parts
     dataset_cls = GPTDataset if source.path else MockGPTDataset
-    return build_splits(dataset_cls, [0, t.eval_iters * t.global_batch_size, 0], config)[1]
+    return BlendedMegatronDatasetBuilder(dataset_cls, [0, t.eval_iters * t.global_batch_size, 0],
+                                         lambda: True, config).build()[1]
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import functools
 import os
 import socket
 import sys
@@ -26,7 +27,7 @@ from launch.watch_schema import WatchdogConfig
 EXIT_CODE_HANG = EXIT_TRANSIENT
 """Exit status of a rank the watchdog ended (EX_TEMPFAIL: a retry may succeed)."""
 
-_CALLBACK_TIMEOUT_S = 30.0  # on_hang (an alert) may not delay the exit longer than this
+_CALLBACK_TIMEOUT_S = 30.0  # on_hang (an alert), before_exit (a flush): each at most this
 
 
 def hang_timeout(cfg: WatchdogConfig, slowest_step_s: Optional[float]) -> float:
@@ -51,6 +52,8 @@ class Watchdog:
         self._section: Optional[tuple[str, float, float]] = None  # name, start, timeout
         self.context: Optional[Callable[[], str]] = None
         """More for the hang message, e.g. the last committed checkpoint; set by the loop."""
+        self.before_exit: Optional[Callable[[], None]] = None
+        """Flushes records (rank 0's W&B run) before ``os._exit`` skips every cleanup."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
         self._thread.start()
@@ -120,7 +123,9 @@ class Watchdog:
         if self._dump_dir is not None:
             self._dump_to_files(message)
         if self._on_hang is not None:
-            self._call_bounded(message)
+            self._call_bounded("on_hang", functools.partial(self._on_hang, message))
+        if self.before_exit is not None:
+            self._call_bounded("before_exit", self.before_exit)
         sys.stderr.flush()
         os._exit(EXIT_CODE_HANG)
 
@@ -141,15 +146,16 @@ class Watchdog:
         except Exception as e:  # the exit below matters more than the files
             print(f"WATCHDOG: could not write dumps: {e!r}", file=sys.stderr, flush=True)
 
-    def _call_bounded(self, message: str) -> None:
-        """Run the callback on its own thread so a stuck alert cannot block the exit."""
+    @staticmethod
+    def _call_bounded(name: str, callback: Callable[[], None]) -> None:
+        """Run a callback on its own thread so a stuck alert or flush cannot block the exit."""
         def call() -> None:
             try:
-                self._on_hang(message)
+                callback()
             except Exception as e:
-                print(f"WATCHDOG: on_hang failed: {e!r}", file=sys.stderr, flush=True)
+                print(f"WATCHDOG: {name} failed: {e!r}", file=sys.stderr, flush=True)
 
-        thread = threading.Thread(target=call, name="watchdog-on-hang", daemon=True)
+        thread = threading.Thread(target=call, name=f"watchdog-{name}", daemon=True)
         thread.start()
         thread.join(_CALLBACK_TIMEOUT_S)
 

@@ -12,7 +12,9 @@ expected=${1:?usage: healthcheck.sh EXPECTED_GPUS MIN_GPU_MEMORY_GIB [EXPECTED_E
 min_gib=${2:?usage: healthcheck.sh EXPECTED_GPUS MIN_GPU_MEMORY_GIB [EXPECTED_EFA_DEVICES]}
 efa_expected=${3:-0}
 window_s=${HEALTHCHECK_XID_WINDOW_S:-3600}
-node=$(hostname -s)
+# Slurm's name for the node where it runs one (PCS and HyperPod node names differ from host
+# names): the name slurm/node_failed.sh drains and excludes.
+node=${SLURMD_NODENAME:-$(hostname -s)}
 # Xids that mean the GPU or its links are broken and the node must be replaced, as AWS's GPU
 # health-check suite classifies them (aws-samples/awsome-distributed-training,
 # 4.validation_and_observability/2.gpu-cluster-healthcheck; shared/ARCHITECTURE.md): 48 double-bit

@@ -18,3 +18,16 @@ export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-en}
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 # Left at NCCL's defaults on purpose: NCCL_PROTO (simple only for aws-ofi-nccl <= 1.5),
 # NCCL_BUFFSIZE, NCCL_MIN_NCHANNELS.
+# NCCL finds the aws-ofi-nccl plugin (libnccl-net.so) and libfabric through LD_LIBRARY_PATH; a
+# pip NCCL in a venv looks nowhere else, and without the plugin NCCL silently uses TCP sockets
+# (megatron_ext/nccl_net.py checks which it chose). Paths as the EFA installer and AWS's DLAMI
+# install them (/opt/amazon/efa, /opt/amazon/ofi-nccl since EFA installer 1.38) and AWS's
+# Dockerfiles build the plugin (/opt/aws-ofi-nccl); lib64 on Amazon Linux; only those that
+# exist on the node are added.
+# Source: aws-samples/awsome-distributed-training, 1.architectures/efa-cheatsheet.md and
+# 3.test_cases/megatron/megatron-lm/aws-megatron-lm.Dockerfile.
+for lib in /opt/amazon/efa/lib64 /opt/amazon/efa/lib /opt/aws-ofi-nccl/lib /opt/amazon/ofi-nccl/lib; do
+  if [ -d "$lib" ] && [[ ":${LD_LIBRARY_PATH:-}:" != *":$lib:"* ]]; then
+    export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+done

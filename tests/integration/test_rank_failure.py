@@ -1,6 +1,7 @@
 """A rank that dies or freezes takes the whole job down, promptly and loudly (no silent survivor)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from launch.schema import ALERTS_SENT
 from tests.slack_receiver import Receiver
+from tests.wandb_records import history, wandb_records
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +94,9 @@ def test_sigstop_of_one_rank_is_caught_by_the_watchdog_and_ends_the_job(workdir:
     name = "stopped-rank"
     launch, run_dir = _launch_and_wait_for_steps(
         workdir, name, f"resilience.watchdog.timeout_s={WATCHDOG_S}",
-        "resilience.collective_timeout_s=600")  # so the watchdog, not gloo, ends the wait
+        "resilience.collective_timeout_s=600",  # so the watchdog, not gloo, ends the wait
+        "logging.wandb.mode=offline", env={"WANDB_DIR": str(workdir / "wandb-home"),
+                                           "WANDB_CONFIG_DIR": str(workdir / "wandb-home")})
     os.kill(_rank_pid(f"runs/{name}/", rank=1), signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
@@ -111,3 +115,9 @@ def test_sigstop_of_one_rank_is_caught_by_the_watchdog_and_ends_the_job(workdir:
     stacks = rank0_err[rank0_err.index("WATCHDOG: rank 0"):]
     assert "(most recent call first)" in stacks and "megatron_ext/train.py" in stacks
     assert "megatron_ext/train.py" in (run_dir / "hang-stacks-rank0.txt").read_text()
+    # The watchdog's exit skips every cleanup; rank 0 still finished its W&B run first, so the
+    # dashboard has every step the attempt ran (before, the last one or all of them were lost).
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert [row["_step"] for row in history(wandb_records(run_dir)) if "train/loss" in row] \
+        == steps

@@ -56,6 +56,9 @@ BAD_CONFIGS = [
       "model.num_query_groups=6", "model.hidden_size=96"], "parallel.tp=4 must divide "
      "model.num_query_groups=6 or be a multiple of it"),
     (["model.make_vocab_size_divisible_by=0"], "model.make_vocab_size_divisible_by=0 must be > 0"),
+    (["cluster=slurm", "cluster.efa_devices=32"], "cluster.efa_devices=32 and "
+     "cluster.require_efa=False need cluster.interconnect=efa"),
+    (["cluster=hyperpod_p5", "cluster.efa_devices=-1"], "cluster.efa_devices=-1 must be >= 0"),
 ]
 
 
@@ -89,6 +92,15 @@ def test_sequence_parallelism_is_refused_where_ranks_run_the_local_spec(
     assert len(problems) == 1 and "cluster.kind=local" in problems[0], problems
     assert problems[0].startswith("parallel.sp=true needs the Transformer Engine spec")
     assert validate(make_config(*layout, "cluster=slurm")) == []
+
+
+def test_the_aws_profiles_expect_their_instance_type_s_efa_devices() -> None:
+    """p5.48xlarge 32 EFA devices, p4d.24xlarge 4 (AWS's EC2 specifications), and NCCL on EFA."""
+    for name, devices in (("hyperpod_p5", 32), ("pcs_p5", 32), ("hyperpod_p4d", 4),
+                          ("pcs_p4d", 4)):
+        cluster = make_config(f"cluster={name}").cluster
+        assert (cluster.efa_devices, cluster.require_efa) == (devices, True), name
+    assert make_config("cluster=slurm").cluster.efa_devices == 0
 
 
 def test_default_config_is_valid_and_uses_two_ranks() -> None:

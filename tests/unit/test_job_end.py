@@ -4,6 +4,7 @@ from __future__ import annotations
 import signal
 
 from launch.prepare import write_run_dir
+from launch.run_folder import BAD_NODES
 from megatron_ext import alerts, job_end
 from tests.conftest import make_config
 from tests.slack_receiver import Receiver
@@ -47,5 +48,27 @@ def test_a_job_given_up_after_max_restarts_says_so_once_even_after_a_rank_alerte
         assert len(receiver.posts) == 1 and ("the job failed 3 times (last exit code 75) and is "
                                              "not requeued again (cluster.max_restarts=2)"
                                              in receiver.posts[0])
+    finally:
+        receiver.close()
+
+
+def test_a_failed_node_health_check_is_the_alert_with_the_nodes_and_what_was_done(
+        tmp_path, monkeypatch):
+    receiver = Receiver()
+    try:
+        monkeypatch.setenv(alerts.URL_ENV, receiver.url)
+        config = write_run_dir(make_config("logging.slack.enabled=true", run_dir=str(tmp_path)))
+        # the previous attempt's claim is still there: the batch script stopped before clearing it
+        (alerts.claims_dir(make_config(run_dir=str(tmp_path))) / alerts.FAILURE).mkdir(parents=True)
+        (tmp_path / BAD_NODES).write_text(  # as slurm/node_failed.sh writes it
+            "node n2 failed the health check: fatal GPU Xid 79 in the last 3600s\n"
+            "could not drain n2 (slurm_update error: Access/permission denied): ask an "
+            "administrator to drain it\nrequeued (restart 1 of cluster.max_restarts=3) "
+            "excluding n2\n")
+        assert job_end.main([str(config), "1"]) == 0
+        assert len(receiver.posts) == 1
+        assert ("node health check failed: node n2 failed the health check: fatal GPU Xid 79 in "
+                "the last 3600s; could not drain n2" in receiver.posts[0])
+        assert "excluding n2" in receiver.posts[0]
     finally:
         receiver.close()

@@ -17,6 +17,7 @@ import pytest
 from launch import sbatch
 from launch.config import with_values
 from launch.submit import dry_run_text, executor_params, shared_fs_problems, with_registered_cpus
+from launch.run_folder import BAD_NODES, HEALTHCHECK_LOG
 from launch.schema import ALERTS_SENT, FAILURES, NO_RESTART, REQUEUE_REQUEST
 from megatron_ext.signals import StopSignals
 from tests.conftest import REPO, make_config
@@ -58,6 +59,48 @@ def test_hyperpod_and_pcs_differ_where_the_platforms_do() -> None:
         assert "#SBATCH --exclusive" in text and "#SBATCH --requeue" in text
         assert "#SBATCH --signal=USR1@120" in text and "#SBATCH --ntasks-per-node=8" in text
         assert "source /opt/slurm-llm/slurm/env/efa.sh" in text
+
+
+def test_the_health_check_runs_where_a_bad_node_gets_replaced_or_excluded() -> None:
+    """HyperPod: inside the auto-resumed training step (megatron_ext/node_check.py), never in a
+    step of its own, whose failure would end the job. PCS: a step of its own with the
+    instance type's EFA devices; on failure node_failed.sh drains and excludes the bad nodes
+    and job_end posts its report before the job stops."""
+    hyperpod, pcs_p4d = _render("cluster=hyperpod_p5"), _render("cluster=pcs_p4d")
+    assert "healthcheck.sh" not in hyperpod and "node_failed.sh" not in hyperpod
+    run = "/fsx/runs/llama/launches/2025-01-01_00-00-00"
+    assert (f"srun --ntasks=1 --ntasks-per-node=1 bash /opt/slurm-llm/slurm/healthcheck.sh 8 40 4"
+            f" 2>&1 | tee {run}/{HEALTHCHECK_LOG}; checked=${{PIPESTATUS[0]}}") in pcs_p4d
+    assert (f'if [ "$checked" -ne 0 ]; then bash /opt/slurm-llm/slurm/node_failed.sh '
+            f"{run}/{HEALTHCHECK_LOG} 1 {run} 3 1 /fsx/venvs/slurm-llm/bin/python -m "
+            f"megatron_ext.job_end {run}/config.yaml 1; exit 1; fi") in pcs_p4d
+    no_requeue = _render("cluster=pcs_p4d", "cluster.requeue=false")
+    assert f"node_failed.sh {run}/{HEALTHCHECK_LOG} 1 {run} 3 0 /fsx/venvs" in no_requeue
+    assert "healthcheck.sh 8 80 0 " in _render("cluster=slurm")  # no EFA: not counted
+
+
+def test_an_image_without_the_package_stops_the_job_with_one_line_naming_the_field(
+        tmp_path: Path) -> None:
+    """The setup line runs for real, with a fake ``srun`` whose task fails as python does in an
+    image without the package ("No module named megatron_ext")."""
+    line = next(text for text in _render("cluster=hyperpod_p5").splitlines()
+                if "import megatron_ext" in text)
+    srun = tmp_path / "srun"
+    for rc in (1, 0):
+        srun.write_text(f"#!/bin/bash\necho 'python: No module named megatron_ext' >&2\nexit {rc}\n"
+                        if rc else "#!/bin/bash\nexit 0\n")
+        srun.chmod(0o755)
+        done = subprocess.run(["bash", "-c", line + "\necho started"], capture_output=True,
+                              text=True, env={**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"})
+        if rc:
+            assert done.returncode == 1 and "started" not in done.stdout
+            assert done.stderr.splitlines()[-1] == (
+                "cluster.container_image=/fsx/apps/slurm-llm.sqsh cannot run the ranks: import "
+                "megatron_ext.train failed in it; build the image from slurm/container/Dockerfile "
+                "(README: A container image for HyperPod)")
+        else:
+            assert done.returncode == 0 and "started" in done.stdout
+    assert "import megatron_ext" not in _render("cluster=pcs_p5")  # a venv: the host's Python
 
 
 def test_secrets_in_the_environment_never_reach_the_script(monkeypatch) -> None:
@@ -132,8 +175,10 @@ def test_the_script_requeues_when_rank_0_asks() -> None:
     request = f"/fsx/runs/llama/launches/2025-01-01_00-00-00/{REQUEUE_REQUEST}"
     claims = f"/fsx/runs/llama/launches/2025-01-01_00-00-00/{ALERTS_SENT}"
     no_restart = f"/fsx/runs/llama/launches/2025-01-01_00-00-00/{NO_RESTART}"
-    # a stale request, the alert claims and the no-restart verdict of the previous attempt go
-    assert f"rm -rf {request} {claims} {no_restart}\n" in text.split("# command")[0]
+    bad_nodes = f"/fsx/runs/llama/launches/2025-01-01_00-00-00/{BAD_NODES}"
+    # a stale request, the alert claims, the no-restart verdict and the health check's report
+    # of the previous attempt go
+    assert f"rm -rf {request} {claims} {no_restart} {bad_nodes}\n" in text.split("# command")[0]
     assert (f'if [ -e {request} ]; then rm -f {request}; scontrol requeue "$SLURM_JOB_ID"; fi'
             in text)
     assert "scontrol requeue" not in _render("cluster=pcs_p5", "cluster.requeue=false")
