@@ -15,6 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from launch.eval_schema import eval_problems
 from launch.problems import divisors
 from launch.schema import Layout, ModelConfig, RunConfig, runs_local_spec
 
@@ -152,6 +153,7 @@ def validate(cfg: RunConfig, layout: Optional[Layout] = None) -> list[str]:
     for section in (cfg.model, cfg.parallel, cfg.cluster, cfg.train, cfg.optimizer,
                     cfg.checkpoint, cfg.data, cfg.logging, cfg.resilience):
         out += section.problems()
+    out += eval_problems(cfg)
     shapes_ok = not (cfg.model.problems() or cfg.parallel.problems() or cfg.cluster.problems()
                      or cfg.train.micro_batch_size <= 0 or cfg.train.seq_length <= 0)
     if not shapes_ok:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Collection, Sequence
 
 from launch.config import CONF_DIR, derive_layout, to_yaml, validate
+from launch.eval_schema import eval_data_problems
 from launch.planning.planner import configure, describe_pinned, explain_no_fit, pinned, plan
 from launch.rank_exit import LAUNCH_COMMAND
 from launch.schema import ALERTS_SENT, RUN_CONFIG, DataSource, Layout, RunConfig
@@ -23,7 +24,9 @@ def absolutize(cfg: RunConfig, base: Path) -> RunConfig:
     """Ranks may start in another directory (a Slurm node); every path they read is absolute."""
     data = dataclasses.replace(
         cfg.data, tokenizer=_absolute(cfg.data.tokenizer, base) if cfg.data.tokenizer else "",
-        sources=[DataSource(path=_absolute(s.path, base), weight=s.weight) for s in cfg.data.sources])
+        sources=[DataSource(path=_absolute(s.path, base), weight=s.weight) for s in cfg.data.sources],
+        validation=[DataSource(path=_absolute(s.path, base), weight=s.weight)
+                    for s in cfg.data.validation])
     checkpoint = dataclasses.replace(cfg.checkpoint, dir=_absolute(cfg.checkpoint.dir, base))
     train = dataclasses.replace(
         cfg.train, init_from=_absolute(cfg.train.init_from, base) if cfg.train.init_from else "")
@@ -100,14 +103,16 @@ def prepare_data(cfg: RunConfig) -> None:
 
 def data_problems(cfg: RunConfig) -> list[str]:
     """Each indexed source's ``.bin`` and ``.idx`` must exist (seen from the login node, before
-    anything is queued: the ranks would only fail on them after the job started)."""
+    anything is queued: the ranks would only fail on them after the job started); so must the
+    validation data, and each validation split must hold sequences."""
     if cfg.data.kind != "indexed":
         return []
-    return [f"data.sources[{i}].path={source.path}: {source.path}{ext} does not exist (a "
-            "megatron indexed dataset is <prefix>.bin and <prefix>.idx; build it with "
-            "python -m tools.prepare_data)"
-            for i, source in enumerate(cfg.data.sources) for ext in (".bin", ".idx")
-            if not Path(source.path + ext).exists()]
+    missing = [f"data.sources[{i}].path={source.path}: {source.path}{ext} does not exist (a "
+               "megatron indexed dataset is <prefix>.bin and <prefix>.idx; build it with "
+               "python -m tools.prepare_data)"
+               for i, source in enumerate(cfg.data.sources) for ext in (".bin", ".idx")
+               if not Path(source.path + ext).exists()]
+    return missing + eval_data_problems(cfg)
 
 
 def launch_command(cfg: RunConfig, overrides: Sequence[str], cwd: Path,

@@ -174,6 +174,10 @@ class TrainConfig:
     """Draw each weight whole from its global name, so every layout starts from the same model
     (one full matrix at a time on the CPU: for small and medium models)."""
     log_interval: int = 10
+    eval_interval: int = 0
+    """Steps between validation passes (one more after the last step); 0: no validation."""
+    eval_iters: int = 0
+    """Global batches of each validation source per pass (``launch.eval_schema``)."""
     init_from: str = ""
     """Continued pre-training: start from these weights (a Hugging Face Llama directory, one
     written by ``tools.convert_hf import``, or a training run's ``checkpoint.dir`` or one of its
@@ -323,6 +327,8 @@ class DataConfig:
     downloaded); its end-of-document token is the ``tokenizer_config.json`` eos_token, else
     ``<|endoftext|>`` or Llama 3's ``<|end_of_text|>``."""
     split: str = "98,1,1"
+    validation: list[DataSource] = field(default_factory=list)
+    """Held-out datasets read whole by validation, beside each source's validation split."""
     prepare_demo: bool = False
     """Build the shipped demo corpus, tokenizer and dataset first if they are missing."""
 

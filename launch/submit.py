@@ -52,7 +52,8 @@ def shared_fs_problems(cfg: RunConfig) -> list[str]:
         return []
     paths = {"run_dir": cfg.run_dir, "checkpoint.dir": cfg.checkpoint.dir,
              "data.tokenizer": cfg.data.tokenizer,
-             **{f"data.sources[{i}].path": s.path for i, s in enumerate(cfg.data.sources)}}
+             **{f"data.sources[{i}].path": s.path for i, s in enumerate(cfg.data.sources)},
+             **{f"data.validation[{i}].path": s.path for i, s in enumerate(cfg.data.validation)}}
     return [f"{key}={path} is not under cluster.shared_dir={shared}; the compute nodes cannot "
             "reach it (launch from the shared filesystem, or point the path there)"
             for key, path in paths.items() if path and not Path(path).is_relative_to(shared)]

@@ -88,6 +88,9 @@ class SpikeConfig:
     grad_norm_factor: float = 10.0
     """A gradient norm above this many times the median is a spike (the demo's 40.4 against a
     median of 0.75 is 54x)."""
+    val_rises: int = 0
+    """Alert when a source's validation loss rose at this many evaluations in a row (forgetting
+    in continued pre-training); 0: no such alert."""
 
 
 @dataclass
@@ -106,6 +109,8 @@ class ResilienceConfig:
         out += positive_problem("resilience.straggler.consecutive_reports",
                                 self.straggler.consecutive_reports)
         out += positive_problem("resilience.spikes.window", self.spikes.window)
+        if self.spikes.val_rises < 0:
+            out.append(f"resilience.spikes.val_rises={self.spikes.val_rises} must be >= 0 (0: off)")
         for name in ("loss_factor", "grad_norm_factor"):
             if getattr(self.spikes, name) <= 1:
                 out.append(f"resilience.spikes.{name}={getattr(self.spikes, name)} must be > 1")

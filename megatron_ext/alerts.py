@@ -48,6 +48,8 @@ NAN_SKIPPED = "nan_skipped"
 warning that claims nothing, so a later stop or failure is still posted."""
 SPIKE = "spike"
 """The loss or gradient norm jumped far above its rolling median (``megatron_ext.spikes``)."""
+VAL_RISE = "val_rise"
+"""A source's validation loss rose at ``resilience.spikes.val_rises`` evaluations in a row."""
 WANDB_OFFLINE = "wandb_offline"
 """``logging.wandb.mode=online`` could not reach the server; the run logs offline."""
 
@@ -62,6 +64,7 @@ _STYLE = {
     NAN_LOSS: (":warning:", "non-finite loss or gradient: stopped", "ERROR"),
     NAN_SKIPPED: (":warning:", "non-finite loss or gradient: step skipped", "WARN"),
     SPIKE: (":chart_with_upwards_trend:", "loss or gradient spike", "WARN"),
+    VAL_RISE: (":chart_with_upwards_trend:", "validation loss rising", "WARN"),
     WANDB_OFFLINE: (":card_file_box:", "logs W&B offline", "WARN"),
 }
 KINDS = tuple(_STYLE)

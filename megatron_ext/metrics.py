@@ -187,3 +187,10 @@ def format_progress(step: int, steps: int, loss: float, lr: float, grad_norm: fl
     return (f"step {step:>{width}}/{steps} | loss {loss:.4f} | lr {lr:.3e} | "
             f"grad norm {grad_norm:.3f} | {step_time_s * 1000:,.0f} ms/step | "
             f"{tokens_per_s:,.0f} tokens/s | eta {_duration(eta_s)}")
+
+
+def format_validation(val: dict[str, float]) -> str:
+    """The progress line's tail after a validation pass: overall, then each source."""
+    sources = ", ".join(f"{key[4:-5]} {value:.4f}" for key, value in val.items()
+                        if key.endswith("/loss") and key != "val/loss")
+    return f" | val loss {val['val/loss']:.4f} ({sources}; {val['val/time_s']:.1f} s)"

@@ -13,7 +13,7 @@ from typing import Optional
 
 from launch.schema import Layout, RunConfig
 from megatron_ext.env import RunEnv
-from megatron_ext.metrics import MetricsLogger, format_progress
+from megatron_ext.metrics import MetricsLogger, format_progress, format_validation
 from megatron_ext.step import StepResult
 from megatron_ext.straggler import StragglerCheck
 from megatron_ext.throughput import Throughput, peak_memory
@@ -56,22 +56,26 @@ class StepReporter:
         return self._wandb.offline_fallback
 
     def step(self, step: int, result: StepResult, step_s: float, consumed_samples: int, *,
-             checkpoint_blocking_s: float, straggler: Optional[StragglerCheck]) -> None:
+             checkpoint_blocking_s: float, straggler: Optional[StragglerCheck],
+             val: Optional[dict[str, float]] = None) -> None:
+        """``val``: the validation values (``val/...``) when this step ended with a pass."""
         values = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                   "update_applied": int(result.applied),
                   **self._throughput.values(result.tokens, step_s, consumed_samples),
                   **peak_memory(self._use_gpu), "checkpoint_blocking_s": checkpoint_blocking_s}
         if straggler is not None:
             values["straggler_worst_slowdown"] = straggler.worst_slowdown
+        values.update(val or {})
         self._wandb.log(step, values)
         if self._file:
             self._file.write(json.dumps({"step": step, **values}) + "\n")
             self._file.flush()
-        if step % self._log_interval == 0 or step == self._steps:
+        if step % self._log_interval == 0 or step == self._steps or val:
             elapsed = time.monotonic() - self._started
             eta = elapsed / (step - self._start_step) * (self._steps - step)
             log.info(format_progress(step, self._steps, result.loss, result.lr, result.grad_norm,
-                                     step_s, values["tokens_per_s"], eta))
+                                     step_s, values["tokens_per_s"], eta)
+                     + (format_validation(val) if val else ""))
 
     def close(self, exit_code: int = 0, timeout_s: Optional[float] = None) -> None:
         """After the last step, or bounded by ``timeout_s`` on the way out of a failed or

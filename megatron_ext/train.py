@@ -19,6 +19,7 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from launch.config import derive_layout, load, to_yaml
+from launch.eval_schema import describe as describe_validation
 from launch.schema import EXIT_TRANSIENT, REQUEUE_REQUEST, Layout, RunConfig, TrainConfig
 from megatron_ext import alerts as alert_kinds
 from megatron_ext import nccl_net, node_check, parallel
@@ -38,6 +39,7 @@ from megatron_ext.signals import StopSignals
 from megatron_ext.spikes import NullSpikeDetector, SpikeDetector
 from megatron_ext.step import StepResult, train_step
 from megatron_ext.straggler import NullStragglerDetector, StragglerDetector, pipeline_position
+from megatron_ext.validation import NullValidator, Validator
 from megatron_ext.watchdog import EXIT_CODE_HANG, NullWatchdog, Watchdog, record_collectives
 from launch.planning.memory import predict
 
@@ -73,6 +75,7 @@ class Training:
     dataset: Any
     plan: BatchPlan
     ckpt: Checkpointer
+    validation: Validator | NullValidator
 
 
 def build(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Alerts
@@ -91,16 +94,18 @@ def build(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Al
     optimizer, scheduler = build_optimizer(model, config, cfg)
     dataset = build_train_dataset(cfg, cache_dir=str(run_dir / "data_cache"))
     plan = BatchPlan(t.global_batch_size, t.micro_batch_size, layout.dp, parallel.dp_rank())
+    validation = Validator.from_config(cfg, plan, cache_dir=str(run_dir / "data_cache"))
     ckpt = Checkpointer(cfg.checkpoint, model=chunks, optimizer=optimizer, scheduler=scheduler,
                         layout=layout, config_yaml=to_yaml(cfg),
                         on_failure=functools.partial(alerts.send, alert_kinds.CHECKPOINT_FAILURE,
                                                      rank=env.rank), ddp=model)
-    return Training(model, optimizer, scheduler, dataset, plan, ckpt)
+    return Training(model, optimizer, scheduler, dataset, plan, ckpt, validation)
 
 
 def _start_fields(cfg: RunConfig, layout: Layout, env: RunEnv, use_gpu: bool) -> dict[str, str]:
     fields = {"model": cfg.model.name, "layout": layout.describe(),
-              "ranks": f"{env.world_size} on {cfg.cluster.name}"}
+              "ranks": f"{env.world_size} on {cfg.cluster.name}",
+              "validation": describe_validation(cfg)}
     if use_gpu:  # the prediction is for GPU memory
         memory = predict(cfg, layout)
         fields["predicted memory"] = (f"{memory.peak_gib:.1f} GiB allocated, "
@@ -199,8 +204,9 @@ class Loop:
         save_bound = self.cfg.resilience.watchdog.save_timeout_s
         with self.watchdog.section("a checkpoint save", save_bound):
             run.ckpt.maybe_save(step, consumed)
-        self.report.step(step, result, step_s, consumed, checkpoint_blocking_s=time.monotonic()
-                         - save_start, straggler=check)
+        blocking_s = time.monotonic() - save_start
+        self.report.step(step, result, step_s, consumed, checkpoint_blocking_s=blocking_s,
+                         straggler=check, val=self.validate(step))
         if self.stop.requested(device="cuda" if self.use_gpu else "cpu", step_s=step_s,
                                save_s=run.ckpt.last_save_s,  # a stop save waits for these:
                                save_pending=run.ckpt.saving or run.ckpt.on_interval(step + 1)):
@@ -214,6 +220,19 @@ class Loop:
                 (Path(self.cfg.run_dir) / REQUEUE_REQUEST).touch()
             raise SystemExit(self.stop.exit_code)
         return consumed
+
+    def validate(self, step: int) -> dict[str, float]:
+        """The validation pass when ``step`` is due one (after the save, so an async write
+        overlaps it), with its rising-loss alerts; its time is no step's."""
+        validation = self.run.validation
+        if not validation.due(step):
+            return {}
+        with self.watchdog.section("validation", validation.timeout_s):
+            val = validation.run(self.run.model, step)
+        for rise in validation.rising if self.env.rank == 0 else []:
+            log.warning("validation: %s", rise)
+            self.alerts.send(alert_kinds.VAL_RISE, rise, rank=self.env.rank)
+        return val
 
     def close(self, step: int, consumed: int) -> None:
         """After the last step: the exit save and pending commits, then the watchdog. The
