@@ -93,7 +93,8 @@ def load_tokenizer(data: DataConfig, model_vocab_size: int) -> MegatronTokenizer
     return tokenizer
 
 
-def _dataset_config(cfg: RunConfig, cache_dir: str, blend: Optional[tuple]) -> GPTDatasetConfig:
+def dataset_config(cfg: RunConfig, cache_dir: str, blend: Optional[tuple]) -> GPTDatasetConfig:
+    """Megatron's dataset config for this run (training and validation read alike)."""
     return GPTDatasetConfig(
         random_seed=cfg.train.seed, sequence_length=cfg.train.seq_length, blend=blend,
         split=cfg.data.split, path_to_cache=cache_dir,
@@ -107,7 +108,7 @@ def _one_epoch(cfg: RunConfig, cache_dir: str, path: Optional[str]) -> GPTDatase
     dataset_cls = GPTDataset if path is not None else MockGPTDataset
     blend = ([path], None) if path is not None else None
     return BlendedMegatronDatasetBuilder(dataset_cls, [None, None, None], lambda: True,
-                                         _dataset_config(cfg, cache_dir, blend)).build()[0]
+                                         dataset_config(cfg, cache_dir, blend)).build()[0]
 
 
 def build_train_dataset(cfg: RunConfig, cache_dir: str) -> Union[SourcePasses, BlendedDataset]:
@@ -124,7 +125,7 @@ def build_train_dataset(cfg: RunConfig, cache_dir: str) -> Union[SourcePasses, B
     weights = [w / sum(weights) for w in weights]
     return BlendedMegatronDatasetBuilder.build_generic_dataset(
         BlendedDataset, lambda: True, True, sources, weights, num_samples,
-        _dataset_config(cfg, cache_dir, None))
+        dataset_config(cfg, cache_dir, None))
 
 
 @dataclass(frozen=True)

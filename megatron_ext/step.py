@@ -52,7 +52,7 @@ def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss_sum, tokens, {"lm loss": torch.stack([loss_sum.detach(), tokens.float()])}
 
 
-def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
+def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
     """Only the first and last pipeline stages read the batch; the others take activations.
 
     Under context parallelism each rank keeps its two load-balanced chunks of the sequence
@@ -78,17 +78,17 @@ class _ForwardClock:
         self._on_gpu, self._cpu_s = on_gpu, 0.0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-    def timed(self, forward_step: Callable) -> Callable:
+    def timed(self, step_func: Callable) -> Callable:
         def run(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
             if self._on_gpu:  # megatron passes exactly these two arguments
                 start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                 start.record()
-                out = forward_step(data_iterator, model)
+                out = step_func(data_iterator, model)
                 end.record()
                 self._events.append((start, end))
                 return out
             began = time.perf_counter()
-            out = forward_step(data_iterator, model)
+            out = step_func(data_iterator, model)
             self._cpu_s += time.perf_counter() - began
             return out
         return run
@@ -132,7 +132,7 @@ def train_step(model: list[torch.nn.Module], optimizer: MegatronOptimizer,
     device = next(model[0].parameters()).device
     clock = _ForwardClock(on_gpu=device.type == "cuda")
     losses = get_forward_backward_func()(
-        forward_step_func=clock.timed(_forward_step),
+        forward_step_func=clock.timed(forward_step),
         data_iterator=[batches] * len(model), model=model, num_microbatches=num_microbatches,
         seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
     loss, tokens, grads_finite = _global_outcome(losses, _nonfinite_grads(model, device), device)

@@ -23,8 +23,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from launch.eval_schema import EvalSource, eval_sources
 from launch.schema import RunConfig
 from megatron_ext import parallel
-from megatron_ext.data import BatchPlan, _dataset_config, microbatches
-from megatron_ext.step import _forward_step
+from megatron_ext.data import BatchPlan, dataset_config, microbatches
+from megatron_ext.step import forward_step
 
 
 def build_eval_dataset(cfg: RunConfig, source: EvalSource, cache_dir: str) -> GPTDataset:
@@ -32,7 +32,7 @@ def build_eval_dataset(cfg: RunConfig, source: EvalSource, cache_dir: str) -> GP
     builder: rank 0 writes the sample index into the cache first)."""
     t = cfg.train
     config = dataclasses.replace(
-        _dataset_config(cfg, cache_dir, ([source.path], None) if source.path else None),
+        dataset_config(cfg, cache_dir, ([source.path], None) if source.path else None),
         split=source.split)
     config.split_matrix = [None, config.split_matrix[1], None]  # no index for the other parts
     dataset_cls = GPTDataset if source.path else MockGPTDataset
@@ -116,7 +116,7 @@ class Validator:
                 for batch in range(t.eval_iters):
                     batches = microbatches(dataset, plan, batch * t.global_batch_size)
                     losses = get_forward_backward_func()(
-                        forward_step_func=_forward_step, data_iterator=[batches] * len(model),
+                        forward_step_func=forward_step, data_iterator=[batches] * len(model),
                         model=model, num_microbatches=plan.num_microbatches,
                         seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
                         forward_only=True)

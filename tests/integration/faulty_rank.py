@@ -82,14 +82,14 @@ def slow_save(seconds: float) -> None:
 
 
 def slow_forward(rank: int, seconds: float) -> None:
-    real_forward = step_module._forward_step
+    real_forward = step_module.forward_step
 
     def forward(data_iterator, model):
         if int(os.environ["RANK"]) == rank:
             time.sleep(seconds)
         return real_forward(data_iterator, model)
 
-    step_module._forward_step = forward
+    step_module.forward_step = forward
 
 
 def main() -> int:
