@@ -181,3 +181,21 @@ def stage_layers(num_layers: int, layout: Layout) -> list[list[int]]:
     if counts is None:
         raise ValueError(split_problems(num_layers, layout)[0])
     return counts
+
+
+def pipeline_splits(num_layers: int, pp: int) -> list[dict]:
+    """The splits the planner tries at ``pp`` (``Layout`` field values; {} is even): even when
+    the layers divide; otherwise megatron's embedding and/or loss counted as layers (how NVIDIA
+    runs Llama 3.1 405B's 126 layers at PP=8), and equal first and last stages one share short
+    with the middle stages even (the embedding and the loss weigh on those two)."""
+    if pp == 1 or num_layers % pp == 0:
+        return [{}]
+    out: list[dict] = []
+    for embedding, loss in ((True, True), (True, False), (False, True)):
+        if (num_layers + embedding + loss) % pp == 0:
+            out.append({"embedding_in_split": embedding, "loss_in_split": loss})
+    ends = next((k for k in range(num_layers // pp, 0, -1)
+                 if pp > 2 and (num_layers - 2 * k) % (pp - 2) == 0), None)
+    if ends:
+        out.append({"first_stage_layers": ends, "last_stage_layers": ends})
+    return out
