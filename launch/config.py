@@ -164,8 +164,9 @@ def validate(cfg: RunConfig, layout: Optional[Layout] = None) -> list[str]:
     if cfg.parallel.overlap_param_gather and not cfg.optimizer.distributed:
         out.append("parallel.overlap_param_gather=true needs optimizer.distributed=true (only the "
                    "distributed optimizer all-gathers updated parameters)")
-    out += cfg.kernels.problems(local_spec_on_gpu=cfg.model.transformer_impl == "local"
-                                and not cfg.cluster.cpu_ranks)
+    gpu = not cfg.cluster.cpu_ranks
+    out += cfg.kernels.problems(local_spec_on_gpu=gpu and cfg.model.transformer_impl == "local",
+                                fp32_on_gpu=gpu and cfg.train.precision == "fp32")
     if not cfg.parallel.auto:
         out += _layout_problems(cfg, layout or derive_layout(cfg))
     return out

@@ -52,7 +52,8 @@ def rank_kernels(kernels: KernelsConfig, use_gpu: bool) -> KernelsConfig:
                if getattr(kernels, name) and importlib.util.find_spec(ext) is None]
         kept, why = dataclasses.replace(kernels, **dict.fromkeys(off, False)), "extension missing"
     else:
-        (kept, off), why = kernels.on_cpu_ranks(), "CUDA-only kernels; GPU ranks use them"
+        (kept, off), why = kernels.on_cpu_ranks(), ("CUDA-only kernels, or bf16 gradients fp32 "
+                                                     "CPU ranks would not match; GPU ranks use them")
     if off:
         log.warning("this rank runs without %s (%s)",
                     ", ".join(f"kernels.{name}" for name in off), why)

@@ -1,9 +1,9 @@
 """megatron's fused kernels and uneven pipeline stages on CPU ranks, through ``python -m launch``.
 
-The fusions that run on CPU (fused SwiGLU, fused cross entropy) and an uneven split of the
-layers (3 + 1 over PP=2) change how the math is done, not what it is: under TP=2 x PP=2 the
-loss curve must be the plain, even one. NVIDIA's recipe also asks for CUDA-only kernels; the CPU
-ranks drop them and say so. A checkpoint of the uneven layout resumes into the even one.
+The fusion that runs on fp32 CPU ranks (fused SwiGLU) and an uneven split of the layers (3 + 1
+over PP=2) change how the math is done, not what it is: under TP=2 x PP=2 the loss curve must be
+the plain, even one. NVIDIA's recipe also asks for CUDA-only kernels and the fused cross entropy
+(bf16 gradients, launch/kernels_schema.py); the CPU ranks drop them and say so. A checkpoint of the uneven layout resumes into the even one.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ TRAIN = ("data=synthetic", f"train.steps={STEPS}", "train.warmup_steps=2",
          f"checkpoint.save_interval={SAVED}", "checkpoint.optimizer_format=fully_reshardable",
          "cluster.gpus_per_node=4", "parallel=tp2", "parallel.pp=2", "parallel.dp=1")
 TUNED = ("recipe=nvidia", "parallel.num_layers_in_first_pipeline_stage=3")
-"""All of NVIDIA's kernels (the CPU-capable two run), and layers 3 + 1 instead of 2 + 2."""
+"""All of NVIDIA's kernels (fused SwiGLU runs on CPU), and layers 3 + 1 instead of 2 + 2."""
 
 
 def _train(workdir: Path, name: str, *overrides: str) -> tuple[dict[int, float], str]:
@@ -50,7 +50,8 @@ def test_fused_kernels_and_uneven_stages_give_the_plain_loss_curve(workdir: Path
     _close(losses, plain)
     dropped = [line for line in output.splitlines() if "runs without kernels." in line]
     assert dropped and all("kernels.apply_rope_fusion, kernels.gradient_accumulation_fusion, "
-                           "kernels.masked_softmax_fusion (CUDA-only" in line for line in dropped)
+                           "kernels.masked_softmax_fusion, kernels.cross_entropy_loss_fusion "
+                           "(CUDA-only" in line for line in dropped)
     assert "bias_activation_fusion" not in dropped[0]  # it runs on CPU: tested above
 
 

@@ -56,6 +56,13 @@ BAD_CONFIGS = [
       "model.num_query_groups=6", "model.hidden_size=96"], "parallel.tp=4 must divide "
      "model.num_query_groups=6 or be a multiple of it"),
     (["model.make_vocab_size_divisible_by=0"], "model.make_vocab_size_divisible_by=0 must be > 0"),
+    (["cluster=slurm", "model.transformer_impl=local", "kernels.apply_rope_fusion=true"],
+     "kernels.apply_rope_fusion=true needs model.transformer_impl=transformer_engine"),
+    (["cluster=slurm", "train.precision=fp32", "kernels.cross_entropy_loss_fusion=true"],
+     "kernels.cross_entropy_loss_fusion=true needs train.precision=bf16 or fp8"),
+    (["model.num_layers=5", "parallel=pp2", "parallel.account_for_loss_in_pipeline_split=true",
+      "parallel.account_for_embedding_in_pipeline_split=true"], "model.num_layers=5 cannot be "
+     "split this way"),
 ]
 
 
