@@ -12,6 +12,7 @@ and the last.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 from launch.problems import positive_problem
@@ -175,12 +176,17 @@ def _split(num_layers: int, layout: Layout) -> Optional[list[list[int]]]:
 def stage_layers(num_layers: int, layout: Layout) -> list[list[int]]:
     """Transformer layers each pipeline rank builds, per virtual chunk (``split_problems`` must
     be empty): what megatron-core's ``get_num_layers_to_build`` gives every (rank, chunk)."""
+    return [list(rank) for rank in _stage_layers(num_layers, layout)]
+
+
+@lru_cache(maxsize=4096)  # the planner asks for the same layouts' splits many times
+def _stage_layers(num_layers: int, layout: Layout) -> tuple[tuple[int, ...], ...]:
     if layout.even:
-        return [[num_layers // (layout.pp * layout.vpp)] * layout.vpp for _ in range(layout.pp)]
+        return ((num_layers // (layout.pp * layout.vpp),) * layout.vpp,) * layout.pp
     counts = _split(num_layers, layout)
     if counts is None:
         raise ValueError(split_problems(num_layers, layout)[0])
-    return counts
+    return tuple(tuple(rank) for rank in counts)
 
 
 def pipeline_splits(num_layers: int, pp: int) -> list[dict]:
@@ -199,3 +205,15 @@ def pipeline_splits(num_layers: int, pp: int) -> list[dict]:
     if ends:
         out.append({"first_stage_layers": ends, "last_stage_layers": ends})
     return out
+
+
+@lru_cache(maxsize=16384)
+def rank_layers(num_layers: int, layout: Layout, rank: int) -> int:
+    """Layers of pipeline rank ``rank`` (-1: the last), over its chunks; cached for the planner."""
+    return sum(_stage_layers(num_layers, layout)[rank])
+
+
+@lru_cache(maxsize=4096)
+def most_rank_layers(num_layers: int, layout: Layout) -> int:
+    """Layers of the fullest pipeline rank: the stage that sets the pipeline's pace."""
+    return max(sum(rank) for rank in _stage_layers(num_layers, layout))

@@ -27,7 +27,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from launch.schema import Layout, ModelConfig, RunConfig, stage_layers
+from launch.parallel_schema import rank_layers
+from launch.schema import Layout, ModelConfig, RunConfig
 from launch.planning.flops import kv_channels, layer_linear_params, layer_params, padded_vocab_size
 
 GIB = 2**30
@@ -126,7 +127,7 @@ def stage_params(cfg: RunConfig, layout: Layout, *, first: bool, last: bool) -> 
     tied embeddings is a copy of the embedding when p > 1 and shared when p == 1.
     """
     m = cfg.model
-    layers = sum(stage_layers(m.num_layers, layout)[0 if first else -1])
+    layers = rank_layers(m.num_layers, layout, 0 if first else -1)
     norms = layer_params(m) - layer_linear_params(m)
     in_layers = layers * (layer_linear_params(m) // layout.tp + norms)
     in_layers += m.hidden_size if last else 0  # the final RMSNorm
@@ -214,7 +215,7 @@ def in_flight_layers(cfg: RunConfig, layout: Layout, m: int, *, rank: int) -> fl
     Megatron's L (1 + (p-1)/(p v)).
     """
     p, v = layout.pp, layout.vpp
-    layers = sum(stage_layers(cfg.model.num_layers, layout)[rank])
+    layers = rank_layers(cfg.model.num_layers, layout, rank)
     if v == 1:
         return min(p - rank, m) * layers
     return min(2 * (p - rank - 1) + (v - 1) * p + 1, m * v) * layers / v

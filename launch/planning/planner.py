@@ -29,7 +29,7 @@ from types import MappingProxyType
 from typing import Any, Collection, Iterator, Mapping, Optional
 
 from launch.problems import divisors
-from launch.parallel_schema import pipeline_splits, split_problems
+from launch.parallel_schema import most_rank_layers, pipeline_splits, split_problems
 from launch.schema import RECOMPUTE, ClusterConfig, Layout, RunConfig, runs_local_spec, stage_layers
 from launch.planning.flops import GPU_PEAK_BF16_TFLOPS, flops_per_token, kv_channels
 from launch.planning.memory import (activation_element_bytes, bytes_per_param, predict,
@@ -196,9 +196,12 @@ def candidate_layouts(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) 
                 if not kept("cp", cp) or not kept("dp", dp):
                     continue
                 for split in pipeline_splits(m.num_layers, pp):
-                    for vpp in range(1, m.num_layers // pp + 2) if pp > 1 else [1]:
+                    vpps = (([1] if pp == 1 else divisors(m.num_layers // pp)) if not split
+                            else range(1, m.num_layers // pp + 2))  # uneven: as megatron checks
+                    for vpp in vpps:
                         layout = Layout(tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp, sp=sp, **split)
-                        if kept("vpp", vpp) and not split_problems(m.num_layers, layout):
+                        if kept("vpp", vpp) and not (split and split_problems(m.num_layers,
+                                                                              layout)):
                             yield layout
 
 
@@ -307,7 +310,7 @@ def _step_s(cfg: RunConfig, layout: Layout, b: int, recompute: str, hw: Hardware
             compute_s: float, dp_s: float) -> float:
     m = cfg.train.global_batch_size // (b * layout.dp)
     # The stage with the most layers sets the pace (L / p on every stage when even).
-    layers = max(sum(rank) for rank in stage_layers(cfg.model.num_layers, layout))
+    layers = most_rank_layers(cfg.model.num_layers, layout)
     share = layers * layout.pp / cfg.model.num_layers
     launches = layers * hw.layer_overhead_s
     t_mb = compute_s / m * share + launches + _micro_batch_comm_s(cfg, layout, b, recompute, hw)

@@ -28,18 +28,23 @@ def test_the_local_spec_on_gpu_uses_its_own_attention() -> None:
 
 def test_the_recipe_s_kernels_reach_megatron_and_cpu_ranks_drop_the_cuda_only_ones(
         caplog: pytest.LogCaptureFixture) -> None:
-    """GPU ranks get every kernel asked for (those that need no compiled extension; RoPE fusion
-    needs TE, absent here, so it is off in this check); CPU ranks run fused SwiGLU only and
-    name the rest in one log line."""
+    """GPU ranks get every kernel asked for whose extension is installed (RoPE fusion needs TE,
+    absent here, so it is off in this check); CPU ranks run fused SwiGLU only and name the rest
+    in one log line."""
     import dataclasses
 
     from megatron_ext.model import rank_kernels
 
     cfg = make_config("recipe=nvidia")
-    gpu = rank_kernels(dataclasses.replace(cfg.kernels, apply_rope_fusion=False), use_gpu=True)
+    with caplog.at_level("WARNING", logger="megatron_ext.model"):
+        gpu = rank_kernels(dataclasses.replace(cfg.kernels, apply_rope_fusion=False), use_gpu=True)
+    # no apex here: the kernels needing its compiled extensions are dropped, and said so
+    assert not gpu.gradient_accumulation_fusion and not gpu.masked_softmax_fusion
+    assert len(caplog.records) == 1 and "extension missing" in caplog.text
     config = transformer_config(cfg.model, cfg.train, LAYOUT, use_gpu=True, kernels=gpu)
     assert config.bias_activation_fusion and config.cross_entropy_loss_fusion
     assert config.cross_entropy_fusion_impl == "native"
+    caplog.clear()
     with caplog.at_level("WARNING", logger="megatron_ext.model"):
         cpu = rank_kernels(cfg.kernels, use_gpu=False)
     assert dataclasses.asdict(cpu) == {
