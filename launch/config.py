@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch.eval_schema import eval_problems
 from launch.problems import divisors
-from launch.schema import Layout, ModelConfig, RunConfig, runs_local_spec
+from launch.parallel_schema import layout_from, split_problems
+from launch.schema import Layout, ModelConfig, RunConfig, runs_local_spec, stage_layers
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -76,7 +77,7 @@ def derive_layout(cfg: RunConfig) -> Layout:
     """The explicit layout of ``cfg.parallel``; DP fills what TP*PP*CP leave of the world."""
     p = cfg.parallel
     dp = p.dp if p.dp is not None else max(cfg.cluster.world_size // (p.tp * p.pp * p.cp), 1)
-    return Layout(tp=p.tp, pp=p.pp, cp=p.cp, dp=dp, vpp=p.vpp, sp=p.sp)
+    return layout_from(p, dp)
 
 
 def _layout_problems(cfg: RunConfig, layout: Layout) -> list[str]:
@@ -96,14 +97,13 @@ def _layout_problems(cfg: RunConfig, layout: Layout) -> list[str]:
         out.append(f"parallel.tp={layout.tp} must divide cluster.gpus_per_node={gpus}, else "
                    f"some TP groups span two nodes; allowed: {divisors(gpus)}")
     out += m.tensor_parallel_problems(layout.tp)
-    stages = layout.pp * layout.vpp
-    if m.num_layers % stages:
-        out.append(f"model.num_layers={m.num_layers} must be divisible by parallel.pp*parallel.vpp"
-                   f" = {stages} (every pipeline stage holds the same number of layers)")
-    elif t.recompute == "full" and (m.num_layers // stages) % t.recompute_num_layers:
+    split = split_problems(m.num_layers, layout)
+    out += split
+    chunks = {n for rank in stage_layers(m.num_layers, layout) for n in rank} if not split else set()
+    if t.recompute == "full" and any(n % t.recompute_num_layers for n in chunks):
         out.append(f"train.recompute_num_layers={t.recompute_num_layers} must divide the "
-                   f"{m.num_layers // stages} layers of each pipeline stage (model.num_layers/"
-                   "(parallel.pp*parallel.vpp)): full recompute checkpoints them in equal groups")
+                   f"layers of every model chunk ({sorted(chunks)}: model.num_layers split over "
+                   "parallel.pp*parallel.vpp): full recompute checkpoints them in equal groups")
     if t.global_batch_size % (t.micro_batch_size * layout.dp):
         out.append(f"train.global_batch_size={t.global_batch_size} must be divisible by "
                    f"train.micro_batch_size*dp = {t.micro_batch_size}*{layout.dp}")
@@ -166,6 +166,9 @@ def validate(cfg: RunConfig, layout: Optional[Layout] = None) -> list[str]:
     if cfg.parallel.overlap_param_gather and not cfg.optimizer.distributed:
         out.append("parallel.overlap_param_gather=true needs optimizer.distributed=true (only the "
                    "distributed optimizer all-gathers updated parameters)")
+    gpu = not cfg.cluster.cpu_ranks
+    out += cfg.kernels.problems(local_spec_on_gpu=gpu and cfg.model.transformer_impl == "local",
+                                fp32_on_gpu=gpu and cfg.train.precision == "fp32")
     if not cfg.parallel.auto:
         out += _layout_problems(cfg, layout or derive_layout(cfg))
     return out

@@ -306,6 +306,8 @@ class Checkpointer:
         follows a failed load, so no rank keeps half of one (megatron's scheduler adds the
         loaded step count to its own)."""
         common = dist_checkpointing.load_common_state_dict(str(path))
+        # Saved before uneven pipeline stages existed: those split evenly (Layout's defaults).
+        common["layout"] = {**dataclasses.asdict(Layout(1, 1, 1, 1)), **common["layout"]}
         same_layout = common["layout"] == self.layout
         fmt = common["optimizer_format"]
         if fmt == "dp_reshardable" and not _differs_in_dp_only(common["layout"], self.layout):

@@ -1,7 +1,9 @@
 """Build megatron-core's GPTModel for one rank: the layout decides which shard it holds."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import logging
 import math
 import zlib
 
@@ -18,13 +20,15 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from launch.schema import Layout, ModelConfig, TrainConfig
+from launch.schema import KernelsConfig, Layout, ModelConfig, TrainConfig
 from megatron_ext import parallel
 from megatron_ext.cp_attention import ContextParallelDotProductAttention
 from launch.planning.flops import padded_vocab_size
 
 # Megatron scales the init of the two projections that write into the residual stream.
 _RESIDUAL_OUTPUT_WEIGHTS = ("linear_proj.weight", "linear_fc2.weight")
+NO_KERNELS = KernelsConfig()
+log = logging.getLogger("megatron_ext.model")
 
 
 def param_dtype(train: TrainConfig, use_gpu: bool) -> torch.dtype:
@@ -32,8 +36,41 @@ def param_dtype(train: TrainConfig, use_gpu: bool) -> torch.dtype:
     return torch.bfloat16 if use_gpu and train.precision in ("bf16", "fp8") else torch.float32
 
 
+GPU_EXTENSIONS = {"gradient_accumulation_fusion": "fused_weight_gradient_mlp_cuda",
+                  "masked_softmax_fusion": "scaled_upper_triang_masked_softmax_cuda"}
+"""Compiled extensions (apex's, in NVIDIA's containers) megatron-core needs for these kernels on
+GPU: the output layer is megatron's own ColumnParallelLinear even with the TE spec, and it
+refuses gradient_accumulation_fusion without ``fused_weight_gradient_mlp_cuda``."""
+
+
+def rank_kernels(kernels: KernelsConfig, use_gpu: bool) -> KernelsConfig:
+    """The kernels this rank runs, and one log line naming any asked for but dropped: CPU ranks
+    drop the CUDA-only ones; GPU ranks those whose compiled extension is not installed. So a
+    rehearsal or an image without apex never differs silently from what was asked."""
+    if use_gpu:
+        off = [name for name, ext in GPU_EXTENSIONS.items()
+               if getattr(kernels, name) and importlib.util.find_spec(ext) is None]
+        kept, why = dataclasses.replace(kernels, **dict.fromkeys(off, False)), "extension missing"
+    else:
+        (kept, off), why = kernels.on_cpu_ranks(), ("CUDA-only kernels, or bf16 gradients fp32 "
+                                                     "CPU ranks would not match; GPU ranks use them")
+    if off:
+        log.warning("this rank runs without %s (%s)",
+                    ", ".join(f"kernels.{name}" for name in off), why)
+    return kept
+
+
+def pipeline_split(layout: Layout) -> dict:
+    """megatron-core's uneven pipeline fields (``launch.parallel_schema``)."""
+    return {"num_layers_in_first_pipeline_stage": layout.first_stage_layers,
+            "num_layers_in_last_pipeline_stage": layout.last_stage_layers,
+            "account_for_embedding_in_pipeline_split": layout.embedding_in_split,
+            "account_for_loss_in_pipeline_split": layout.loss_in_split}
+
+
 def transformer_config(model: ModelConfig, train: TrainConfig, layout: Layout,
-                       use_gpu: bool) -> TransformerConfig:
+                       use_gpu: bool, kernels: KernelsConfig = NO_KERNELS) -> TransformerConfig:
+    """``kernels`` as the rank runs them (``rank_kernels``)."""
     dtype = param_dtype(train, use_gpu)
     recompute = {"none": {}, "selective": {"recompute_granularity": "selective"},
                  "full": {"recompute_granularity": "full", "recompute_method": "uniform",
@@ -55,6 +92,7 @@ def transformer_config(model: ModelConfig, train: TrainConfig, layout: Layout,
         # Transformer Engine picks its kernel by this; the local spec has only its own.
         attention_backend=(AttnBackend[model.attention_backend] if uses_transformer_engine(
             model, use_gpu) else AttnBackend.local),
+        cross_entropy_fusion_impl="native", **dataclasses.asdict(kernels), **pipeline_split(layout),
         **p2p_comm(layout), **recompute)
 
 
@@ -94,10 +132,11 @@ def layer_spec(model: ModelConfig, use_gpu: bool, cp: int = 1) -> ModuleSpec:
 
 
 def build_model(model: ModelConfig, train: TrainConfig, layout: Layout, use_gpu: bool,
-                vocab_rows: int | None = None) -> tuple[list[GPTModel], TransformerConfig]:
+                vocab_rows: int | None = None, kernels: KernelsConfig = NO_KERNELS
+                ) -> tuple[list[GPTModel], TransformerConfig]:
     """This rank's model chunks: one per virtual pipeline stage it hosts. ``vocab_rows``: the
     embedding's rows (a resume keeps its checkpoint's); None pads ``model.vocab_size`` for TP."""
-    config = transformer_config(model, train, layout, use_gpu)
+    config = transformer_config(model, train, layout, use_gpu, rank_kernels(kernels, use_gpu))
     spec = layer_spec(model, use_gpu, layout.cp)
     chunks = []
     for vp_stage in range(layout.vpp) if layout.vpp > 1 else [None]:

@@ -22,10 +22,11 @@ from launch.schema import RunConfig
 
 
 def ddp_config(cfg: RunConfig) -> DistributedDataParallelConfig:
-    """fp32 gradient buffers (bf16 grads lose small updates); overlap as ``parallel`` asks."""
+    """Gradient buffers in fp32 or, ``optimizer.grad_reduce_in_fp32=false`` (NVIDIA's recipe),
+    in the parameters' bf16; overlap as ``parallel`` asks."""
     p = cfg.parallel
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
+        grad_reduce_in_fp32=cfg.optimizer.grad_reduce_in_fp32, overlap_grad_reduce=p.overlap_grad_reduce,
         overlap_param_gather=p.overlap_param_gather,
         use_distributed_optimizer=cfg.optimizer.distributed, check_for_nan_in_grad=False)
 

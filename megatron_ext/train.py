@@ -85,7 +85,8 @@ def build(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Al
     parallel.init(layout, env, seed=t.seed, timeout_s=cfg.resilience.collective_timeout_s,
                   use_gpu=use_gpu)
     chunks, config = build_model(cfg.model, t, layout, use_gpu,
-                                 vocab_rows(cfg.checkpoint.dir, cfg.model, layout.tp))
+                                 vocab_rows(cfg.checkpoint.dir, cfg.model, layout.tp),
+                                 kernels=cfg.kernels)
     if t.reproducible_init:
         init_layout_independent(chunks, cfg.model, t.seed)
     if t.init_from and not has_checkpoint(cfg.checkpoint.dir):  # CPT start; a resume wins

@@ -35,15 +35,20 @@ from megatron_ext.hf_llama import (
     to_hf,
 )
 from megatron_ext.weights import TrainingCheckpoint, open_weights
-from launch.schema import ModelConfig
+from launch.parallel_schema import pipeline_splits, split_problems
+from launch.schema import Layout, ModelConfig
 from launch.tokenizer import load_tokenizer, tokenizer_file
 
 
 def layout_problems(model: dict[str, Any], tp: int, pp: int) -> list[str]:
-    """Why these weights cannot be split over ``tp`` x ``pp`` (megatron's divisibility rules)."""
+    """Why these weights cannot be split over ``tp`` x ``pp`` (megatron's divisibility rules;
+    layers that ``pp`` does not divide pass when one of megatron's uneven splits takes them,
+    ``launch.parallel_schema.pipeline_splits``: the converted tensors are global either way)."""
     out = ModelConfig(**model).tensor_parallel_problems(tp, field="--tp")
-    if model["num_layers"] % pp:
-        out.append(f"--pp={pp} must divide num_layers={model['num_layers']}")
+    layers = model["num_layers"]
+    if not any(not split_problems(layers, Layout(tp=tp, pp=pp, cp=1, dp=1, **split))
+               for split in pipeline_splits(layers, pp)):
+        out.append(f"--pp={pp} must divide num_layers={layers}")
     return out
 
 

@@ -13,8 +13,9 @@ parameter with and without the distributed optimizer, the interleaved in-flight 
 Fujii et al. 2024, "Accelerating Large Language Model Training with 4D Parallelism and Memory
 Consumption Estimator" (the same terms per stage, and fixed overheads). Their per-layer counts
 assume a GPT layer; the tensors here are what megatron-core 0.16.1 saves for backward in the
-Llama layer ``megatron_ext`` builds (RMSNorm, GQA, SwiGLU through megatron's unfused GLU,
-unfused RoPE, no dropout), with DDP ``grad_reduce_in_fp32=True``, Adam,
+Llama layer ``megatron_ext`` builds (RMSNorm, GQA, SwiGLU through megatron's unfused GLU or,
+``kernels.bias_activation_fusion``, its fused ``bias_swiglu``, unfused RoPE, no dropout), with
+DDP gradients in fp32 or bf16 (``optimizer.grad_reduce_in_fp32``), Adam,
 ``recompute_method=uniform`` and megatron's vocab-parallel cross entropy. The local spec's
 count is checked exactly on CPU (tests/unit/test_memory_activations.py); the Transformer Engine
 spec's follows TE's ``LayerNormLinear`` and fused attention, and the whole prediction is
@@ -26,6 +27,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from launch.parallel_schema import rank_layers
 from launch.schema import Layout, ModelConfig, RunConfig
 from launch.planning.flops import kv_channels, layer_linear_params, layer_params, padded_vocab_size
 
@@ -103,25 +105,29 @@ class MemoryBreakdown:
                 **dataclasses.asdict(self)}
 
 
-def bytes_per_param(precision: str) -> tuple[int, int, int]:
+def bytes_per_param(precision: str, grad_reduce_in_fp32: bool = True) -> tuple[int, int, int]:
     """(weight, gradient, optimizer) bytes per parameter.
 
-    bf16/fp8: bf16 weights (2), an fp32 DDP gradient buffer (4, ``grad_reduce_in_fp32``), and
-    fp32 master weights + Adam m and v (12). fp32: the weights are the master copy, so 4, 4
-    and 8 (m, v). Megatron's report: 18 bytes/param, or 6 + 12/DP with the distributed optimizer.
+    bf16/fp8: bf16 weights (2), the DDP gradient buffer in fp32 (4, ``grad_reduce_in_fp32``) or
+    in the weights' bf16 (2), and fp32 master weights + Adam m and v (12). fp32: the weights are
+    the master copy, so 4, 4 and 8 (m, v). Megatron's report: 18 bytes/param, or 6 + 12/DP with
+    the distributed optimizer (fp32 gradients).
     """
-    return (4, 4, 8) if precision == "fp32" else (2, 4, 12)
+    if precision == "fp32":
+        return 4, 4, 8
+    return 2, 4 if grad_reduce_in_fp32 else 2, 12
 
 
 def stage_params(cfg: RunConfig, layout: Layout, *, first: bool, last: bool) -> tuple[int, int]:
     """(transformer-layer params, embedding/output params) held by one rank of a stage.
 
-    Each rank holds L/p layers; matrices are split over t, RMSNorm weights are replicated. The
+    Each rank holds its stage's layers (L/p, or megatron's uneven split: ``stage_layers``);
+    matrices are split over t, RMSNorm weights are replicated. The
     first stage holds the V x h / t embedding; the last the V x h / t output layer, which with
     tied embeddings is a copy of the embedding when p > 1 and shared when p == 1.
     """
     m = cfg.model
-    layers = m.num_layers // layout.pp
+    layers = rank_layers(m.num_layers, layout, 0 if first else -1)
     norms = layer_params(m) - layer_linear_params(m)
     in_layers = layers * (layer_linear_params(m) // layout.tp + norms)
     in_layers += m.hidden_size if last else 0  # the final RMSNorm
@@ -158,7 +164,10 @@ def layer_saved_bytes(cfg: RunConfig, layout: Layout, b: int, recompute: str) ->
     """Bytes one layer saves for backward for one micro-batch, recompute ``none`` or ``selective``.
 
     Per token: two ``norm_bytes``; the SwiGLU MLP's 5 f e / t (fc1's 2f output, SiLU's output,
-    megatron's ``x_linear + glu_linear_offset`` and their product); attention, split over TP:
+    megatron's ``x_linear + glu_linear_offset`` and their product), or fused
+    (``kernels.bias_activation_fusion``) 3 f e / t (fc1's output, which megatron's
+    ``SwiGLUFunction`` keeps to recompute SiLU, and its f-wide result fc2 keeps); attention,
+    split over TP:
       none, TE: Q, K, V (contiguous copies TE makes) and the output, (2 h + 2 kv) e / t, plus the
         fp32 softmax statistics of flash/fused attention, 4 a / t;
       none, local: Q, the output and K, V as core attention keeps them: repeated to a heads
@@ -188,7 +197,8 @@ def layer_saved_bytes(cfg: RunConfig, layout: Layout, b: int, recompute: str) ->
         attention = (2 * h + (2 * h if a > m.num_query_groups else h + 3 * kv)) * e / t
     else:
         attention = (2 * h + 2 * kv) * e / t + (0 if scores_materialized(m) else 4 * a / t)
-    per_token = 2 * norm_bytes(cfg, layout) + attention + 5 * m.ffn_hidden_size * e / t
+    mlp = 3 if cfg.kernels.bias_activation_fusion else 5
+    per_token = 2 * norm_bytes(cfg, layout) + attention + mlp * m.ffn_hidden_size * e / t
     out = s * b * per_token + keys_values + 4 * s * d * e
     if recompute == "none" and scores_materialized(m):
         cast = 0 if e == 4 else e
@@ -199,14 +209,16 @@ def layer_saved_bytes(cfg: RunConfig, layout: Layout, b: int, recompute: str) ->
 def in_flight_layers(cfg: RunConfig, layout: Layout, m: int, *, rank: int) -> float:
     """Layer-micro-batches whose activations pipeline rank ``rank`` holds at its peak.
 
-    1F1B: rank r runs p - r forwards before its first backward, each over L/p layers, at most
-    m (so the first stage holds min(p, m) * L/p). Interleaved: 2(p - r - 1) + (v - 1) p + 1
-    chunks of L/(p v) layers, at most m v; for r = 0 that is Megatron's L (1 + (p-1)/(p v)).
+    1F1B: rank r runs p - r forwards before its first backward, each over its n_r layers (L/p
+    when even), at most m (so the first stage holds min(p, m) * n_0). Interleaved: 2(p - r - 1)
+    + (v - 1) p + 1 chunks of n_r / v layers, at most m v; for r = 0 and an even split that is
+    Megatron's L (1 + (p-1)/(p v)).
     """
-    L, p, v = cfg.model.num_layers, layout.pp, layout.vpp
+    p, v = layout.pp, layout.vpp
+    layers = rank_layers(cfg.model.num_layers, layout, rank)
     if v == 1:
-        return min(p - rank, m) * L / p
-    return min(2 * (p - rank - 1) + (v - 1) * p + 1, m * v) * L / (p * v)
+        return min(p - rank, m) * layers
+    return min(2 * (p - rank - 1) + (v - 1) * p + 1, m * v) * layers / v
 
 
 def saved_activation_bytes(cfg: RunConfig, layout: Layout, b: int, recompute: str, *,
@@ -260,7 +272,7 @@ def state_bytes(cfg: RunConfig, layout: Layout, *, first: bool, last: bool) -> t
     ``bytes_per_param``, the optimizer part divided by DP x CP (the group megatron-core's
     distributed optimizer shards over) when ``optimizer.distributed``. fp8 adds TE's cached
     fp8 copy of each layer weight and its transpose (2 bytes per layer parameter)."""
-    weight, grad, optim = bytes_per_param(cfg.train.precision)
+    weight, grad, optim = bytes_per_param(cfg.train.precision, cfg.optimizer.grad_reduce_in_fp32)
     in_layers, tables = stage_params(cfg, layout, first=first, last=last)
     params = in_layers + tables
     shards = layout.dp * layout.cp if cfg.optimizer.distributed else 1

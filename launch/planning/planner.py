@@ -11,7 +11,8 @@ Step-time model (one optimizer step, seconds), per rank:
              selective repeats the attention scores (+4 L h s per token);
   per micro-batch  t_mb = compute / m + kernel launches of L/p layers + TP, CP and PP
                    communication of one micro-batch;
-  pipeline = t_mb * (m + (p - 1) / v)   (bubble fraction (p-1) / (m v + p - 1));
+  pipeline = t_mb * (m + (p - 1) / v)   (bubble fraction (p-1) / (m v + p - 1)); with uneven
+             stages t_mb is that of the stage with the most layers;
   step     = pipeline + DP gradient reduce-scatter and parameter all-gather, counted in full
              (parallel.overlap_grad_reduce / overlap_param_gather hide part of it; not
              modelled, so an upper bound for them).
@@ -28,73 +29,18 @@ from types import MappingProxyType
 from typing import Any, Collection, Iterator, Mapping, Optional
 
 from launch.problems import divisors
-from launch.cluster_schema import Calibration
-from launch.schema import RECOMPUTE, ClusterConfig, Layout, RunConfig, runs_local_spec
-from launch.planning.flops import GPU_PEAK_BF16_TFLOPS, flops_per_token, kv_channels
-from launch.planning.memory import activation_element_bytes, predict, predict_all, stage_params
+from launch.parallel_schema import most_rank_layers, pipeline_splits, split_problems
+from launch.schema import RECOMPUTE, Layout, RunConfig, runs_local_spec, stage_layers
+from launch.planning.flops import flops_per_token, kv_channels
+from launch.planning.hardware import (NODE_NETWORK_GBIT_S, NVLINK_BUS_GB_S,  # noqa: F401
+                                      TUNED_FRACTION, Hardware, tuned_recipe)
+from launch.planning.memory import (activation_element_bytes, bytes_per_param, predict,
+                                    predict_all, stage_params)
 
 SEARCHED = ("parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp", "parallel.dp",
             "parallel.sp", "train.micro_batch_size", "train.recompute")
 """What the planner chooses, unless the command line gives it (``pinned``)."""
 NOTHING_PINNED: Mapping[str, Any] = MappingProxyType({})
-
-
-NVLINK_BUS_GB_S = {"A100": 240.0, "H100": 360.0, "H200": 360.0, "B200": 720.0}
-"""NCCL bus bandwidth per GPU inside a node, GB/s: 80% of the NVLink's one-way rate, which
-nccl-tests' all-gather/reduce-scatter reach on NVSwitch nodes. NVIDIA data sheets: A100 SXM
-NVLink 3, 600 GB/s both ways (300 one way; nccl-tests measure 230-250 GB/s busbw on 8 x A100);
-H100 and H200 SXM NVLink 4, 900 GB/s (450); B200 NVLink 5, 1.8 TB/s (900)."""
-NODE_NETWORK_GBIT_S = {
-    ("efa", "A100"): 400, ("efa", "H100"): 3200, ("efa", "H200"): 3200, ("efa", "B200"): 3200,
-    ("none", "A100"): 1600, ("none", "H100"): 3200, ("none", "H200"): 3200, ("none", "B200"): 3200,
-}
-"""Inter-node bandwidth of one node, Gb/s, by ``cluster.interconnect`` and ``cluster.gpu``.
-efa: the AWS instance with 8 of those GPUs (AWS's instance-type pages): p4d.24xlarge 400 Gb/s
-(4 EFA), p5.48xlarge 3,200 (32 EFA), p5e/p5en.48xlarge 3,200, p6-b200.48xlarge 3,200 (EFAv4).
-none (any Slurm site): NVIDIA's DGX reference fabric, one InfiniBand port per GPU: HDR 200 Gb/s
-on DGX A100, NDR 400 Gb/s on DGX H100/H200/B200."""
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """What the step-time model needs to know about the GPUs and their links."""
-
-    gpu: str
-    nvlink_gb_s: float
-    """NCCL bus bandwidth per GPU inside a node (``NVLINK_BUS_GB_S``)."""
-    internode_gb_s: float
-    """Per GPU across nodes: the node's network shared by its GPUs (p5: 3,200 Gb/s / 8 = 50 GB/s,
-    p4d: 400 Gb/s / 8 = 6.25 GB/s)."""
-    achieved_fraction: float = 0.45
-    """Share of peak the matrix math reaches: 430-490 of 989 TFLOP/s measured for a 1.5B Llama
-    with the TE spec on one H100 (ARCHITECTURE.md); assumed for every GPU type until measured.
-    Communication and bubble are modelled apart."""
-    latency_s: float = 20e-6
-    """Fixed cost of one NCCL collective or p2p transfer (small-message latency)."""
-    layer_overhead_s: float = 100e-6
-    """Kernel launches of one layer's forward and backward for one micro-batch (~40 kernels
-    of a few microseconds); what makes tiny micro-batches and deep pipelines cost something."""
-
-    @classmethod
-    def for_cluster(cls, cluster: ClusterConfig) -> "Hardware":
-        """The one place GPU type and interconnect become rates (``cluster.gpu``,
-        ``cluster.interconnect``, ``cluster.gpus_per_node``)."""
-        network = NODE_NETWORK_GBIT_S[(cluster.interconnect, cluster.gpu)]
-        nominal = cls(gpu=cluster.gpu, nvlink_gb_s=NVLINK_BUS_GB_S[cluster.gpu],
-                      internode_gb_s=network / 8 / cluster.gpus_per_node)
-        return nominal.calibrated(cluster.calibrated)
-
-    def calibrated(self, fit: Calibration) -> "Hardware":
-        """These rates with those probe runs measured (``cluster.calibrated``, written by
-        ``python -m tools.calibrate``) in place of the nominal ones; a 0 keeps the nominal."""
-        measured = {"achieved_fraction": fit.compute_tflops * 1e12 / self.peak_flops,
-                    "nvlink_gb_s": fit.link_gb_s, "internode_gb_s": fit.internode_gb_s,
-                    "latency_s": fit.latency_s, "layer_overhead_s": fit.layer_overhead_s}
-        return dataclasses.replace(self, **{k: v for k, v in measured.items() if v})
-
-    @property
-    def peak_flops(self) -> float:
-        return GPU_PEAK_BF16_TFLOPS[self.gpu] * 1e12
 
 
 @dataclass(frozen=True)
@@ -116,10 +62,15 @@ class PlannedLayout:
     step_time_s: float
     tokens_per_s_per_gpu: float
     fits: bool
+    first_stage_layers: Optional[int] = None
+    """The uneven pipeline split (``Layout``'s last four fields), when the layers need one."""
+    last_stage_layers: Optional[int] = None
+    embedding_in_split: bool = False
+    loss_in_split: bool = False
 
     @property
     def layout(self) -> Layout:
-        return Layout(tp=self.tp, pp=self.pp, cp=self.cp, dp=self.dp, vpp=self.vpp, sp=self.sp)
+        return Layout(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Layout)})
 
     def describe(self) -> str:
         return (f"{self.layout.describe()} micro_batch_size={self.micro_batch_size} "
@@ -149,7 +100,8 @@ def candidate_layouts(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) 
     keeps the ``pins``.
 
     TP dividing a node's GPUs, the heads and the MLP width, and dividing the query groups or a
-    multiple of them (``ModelConfig.tensor_parallel_problems``); PP * VPP dividing the layers; CP
+    multiple of them (``ModelConfig.tensor_parallel_problems``); PP * VPP dividing the layers, or
+    where they do not, megatron's uneven splits (``pipeline_splits``); CP
     with the sequence divisible by 2 CP (and, with SP, seq / CP by TP), where Transformer Engine's
     fused or flash attention runs it; DP = world / (TP PP CP); SP, unless pinned, on whenever
     TP > 1 and the Transformer Engine spec is used (it only saves memory; ``runs_local_spec``).
@@ -169,7 +121,7 @@ def candidate_layouts(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) 
         if sp and (tp == 1 or local_spec or s % tp):
             continue
         for pp in divisors(world // tp):
-            if m.num_layers % pp or not kept("pp", pp):
+            if not kept("pp", pp):
                 continue
             for cp in divisors(world // (tp * pp)):
                 dp = world // (tp * pp * cp)
@@ -177,9 +129,14 @@ def candidate_layouts(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) 
                     continue
                 if not kept("cp", cp) or not kept("dp", dp):
                     continue
-                for vpp in divisors(m.num_layers // pp) if pp > 1 else [1]:
-                    if kept("vpp", vpp):
-                        yield Layout(tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp, sp=sp)
+                for split in pipeline_splits(m.num_layers, pp):
+                    vpps = (([1] if pp == 1 else divisors(m.num_layers // pp)) if not split
+                            else range(1, m.num_layers // pp + 2))  # uneven: as megatron checks
+                    for vpp in vpps:
+                        layout = Layout(tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp, sp=sp, **split)
+                        if kept("vpp", vpp) and not (split and split_problems(m.num_layers,
+                                                                              layout)):
+                            yield layout
 
 
 def settings(cfg: RunConfig, layout: Layout,
@@ -190,9 +147,10 @@ def settings(cfg: RunConfig, layout: Layout,
     sizes = ([pins["micro_batch_size"]] if "micro_batch_size" in pins
              else divisors(cfg.train.global_batch_size))
     modes = [pins["recompute"]] if "recompute" in pins else RECOMPUTE
-    chunk = cfg.model.num_layers // (layout.pp * layout.vpp)
+    chunks = {n for rank in stage_layers(cfg.model.num_layers, layout) for n in rank}
+    tiled = all(n % cfg.train.recompute_num_layers == 0 for n in chunks)
     return [(b, r) for b in sizes if micro_batches(cfg, layout, b) is not None for r in modes
-            if r != "full" or chunk % cfg.train.recompute_num_layers == 0]
+            if r != "full" or tiled]
 
 
 def micro_batches(cfg: RunConfig, layout: Layout, micro_batch_size: int) -> Optional[int]:
@@ -259,14 +217,16 @@ def _micro_batch_comm_s(cfg: RunConfig, layout: Layout, b: int, recompute: str,
 
 
 def _dp_comm_s(cfg: RunConfig, layout: Layout, hw: Hardware) -> float:
-    """Gradient reduction over the DP x CP group: reduce-scatter of fp32 gradients and
-    all-gather of bf16 weights (distributed optimizer, 6 bytes/param), or an fp32 all-reduce
-    (8 bytes/param), each moving (n-1)/n of the rank's parameters."""
+    """Gradient reduction over the DP x CP group: reduce-scatter of the gradients (fp32, or bf16
+    with ``optimizer.grad_reduce_in_fp32=false``) and all-gather of the weights (distributed
+    optimizer: 6 or 4 bytes/param with bf16 weights), or an all-reduce of the gradients (8 or
+    4), each moving (n-1)/n of the rank's parameters."""
     n = layout.dp * layout.cp
     if n == 1:
         return 0.0
     params = sum(stage_params(cfg, layout, first=True, last=layout.pp == 1))
-    per_param = 6 if cfg.optimizer.distributed else 8
+    weight, grad, _ = bytes_per_param(cfg.train.precision, cfg.optimizer.grad_reduce_in_fp32)
+    per_param = grad + weight if cfg.optimizer.distributed else 2 * grad
     return 2 * hw.latency_s + (n - 1) / n * params * per_param / _bandwidth(hw, cfg, layout.tp * n)
 
 
@@ -277,7 +237,7 @@ def step_time(cfg: RunConfig, layout: Layout, micro_batch_size: int, recompute: 
     if micro_batches(cfg, layout, micro_batch_size) is None:
         raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} does not split "
                          f"into micro-batches of {micro_batch_size} over dp={layout.dp}")
-    hw = hw or Hardware.for_cluster(cfg.cluster)
+    hw = hw or Hardware.for_config(cfg)
     return _step_s(cfg, layout, micro_batch_size, recompute, hw, _compute_s(cfg, recompute, hw),
                    _dp_comm_s(cfg, layout, hw))
 
@@ -285,8 +245,11 @@ def step_time(cfg: RunConfig, layout: Layout, micro_batch_size: int, recompute: 
 def _step_s(cfg: RunConfig, layout: Layout, b: int, recompute: str, hw: Hardware,
             compute_s: float, dp_s: float) -> float:
     m = cfg.train.global_batch_size // (b * layout.dp)
-    launches = cfg.model.num_layers / layout.pp * hw.layer_overhead_s
-    t_mb = compute_s / m + launches + _micro_batch_comm_s(cfg, layout, b, recompute, hw)
+    # The stage with the most layers sets the pace (L / p on every stage when even).
+    layers = most_rank_layers(cfg.model.num_layers, layout)
+    share = layers * layout.pp / cfg.model.num_layers
+    launches = layers * hw.layer_overhead_s
+    t_mb = compute_s / m * share + launches + _micro_batch_comm_s(cfg, layout, b, recompute, hw)
     return t_mb * (m + (layout.pp - 1) / layout.vpp) + dp_s
 
 
@@ -303,14 +266,18 @@ def _evaluate(cfg: RunConfig, layout: Layout, hw: Hardware, compute_s: dict[str,
         out.append(PlannedLayout(
             tp=layout.tp, pp=layout.pp, vpp=layout.vpp, cp=layout.cp, dp=layout.dp,
             sp=layout.sp, micro_batch_size=b, recompute=recompute, peak_gib=mem.peak_gib,
-            required_gib=mem.required_gib, step_time_s=seconds, tokens_per_s_per_gpu=tokens_per_gpu / seconds, fits=mem.fits))
+            required_gib=mem.required_gib, step_time_s=seconds,
+            tokens_per_s_per_gpu=tokens_per_gpu / seconds, fits=mem.fits,
+            first_stage_layers=layout.first_stage_layers,
+            last_stage_layers=layout.last_stage_layers,
+            embedding_in_split=layout.embedding_in_split, loss_in_split=layout.loss_in_split))
     return out
 
 
 def search(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) -> list[PlannedLayout]:
     """Every valid candidate keeping ``pins`` on ``cfg.cluster``'s hardware, fitting ones first,
     each group by step time then memory."""
-    hw = Hardware.for_cluster(cfg.cluster)
+    hw = Hardware.for_config(cfg)
     compute_s = {r: _compute_s(cfg, r, hw) for r in RECOMPUTE}
     out = [c for layout in candidate_layouts(cfg, pins)
            for c in _evaluate(cfg, layout, hw, compute_s, pins)]
@@ -325,8 +292,12 @@ def plan(cfg: RunConfig, pins: Mapping[str, Any] = NOTHING_PINNED) -> list[Plann
 def configure(cfg: RunConfig, chosen: PlannedLayout) -> RunConfig:
     """``cfg`` with the chosen layout, micro-batch and recomputation written in explicitly,
     so the ranks read a complete layout and never plan."""
-    parallel = dataclasses.replace(cfg.parallel, auto=False, tp=chosen.tp, pp=chosen.pp,
-                                   vpp=chosen.vpp, cp=chosen.cp, dp=chosen.dp, sp=chosen.sp)
+    parallel = dataclasses.replace(
+        cfg.parallel, auto=False, tp=chosen.tp, pp=chosen.pp, vpp=chosen.vpp, cp=chosen.cp,
+        dp=chosen.dp, sp=chosen.sp, num_layers_in_first_pipeline_stage=chosen.first_stage_layers,
+        num_layers_in_last_pipeline_stage=chosen.last_stage_layers,
+        account_for_embedding_in_pipeline_split=chosen.embedding_in_split,
+        account_for_loss_in_pipeline_split=chosen.loss_in_split)
     train = dataclasses.replace(cfg.train, micro_batch_size=chosen.micro_batch_size,
                                 recompute=chosen.recompute)
     return dataclasses.replace(cfg, parallel=parallel, train=train)

@@ -59,6 +59,13 @@ BAD_CONFIGS = [
     (["cluster=slurm", "cluster.efa_devices=32"], "cluster.efa_devices=32 and "
      "cluster.require_efa=False need cluster.interconnect=efa"),
     (["cluster=hyperpod_p5", "cluster.efa_devices=-1"], "cluster.efa_devices=-1 must be >= 0"),
+    (["cluster=slurm", "model.transformer_impl=local", "kernels.apply_rope_fusion=true"],
+     "kernels.apply_rope_fusion=true needs model.transformer_impl=transformer_engine"),
+    (["cluster=slurm", "train.precision=fp32", "kernels.cross_entropy_loss_fusion=true"],
+     "kernels.cross_entropy_loss_fusion=true needs train.precision=bf16 or fp8"),
+    (["model.num_layers=5", "parallel=pp2", "parallel.account_for_loss_in_pipeline_split=true",
+      "parallel.account_for_embedding_in_pipeline_split=true"], "model.num_layers=5 cannot be "
+     "split this way"),
 ]
 
 

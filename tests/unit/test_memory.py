@@ -208,8 +208,9 @@ def test_cli_takes_a_given_layout_under_a_gpu_profile_s_parallel_auto() -> None:
     run = _cli("--json", "model=llama3_70b", "cluster=hyperpod_p5", "cluster.nodes=32",
                "parallel.tp=8", "parallel.pp=4", "train=pretrain")
     assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["layout"] == {"tp": 8, "pp": 4, "cp": 1, "dp": 8, "vpp": 1,
-                                                "sp": False}
+    assert json.loads(run.stdout)["layout"] == {
+        "tp": 8, "pp": 4, "cp": 1, "dp": 8, "vpp": 1, "sp": False, "first_stage_layers": None,
+        "last_stage_layers": None, "embedding_in_split": False, "loss_in_split": False}
     refused = _cli("cluster=hyperpod_p5")
     assert refused.returncode == 2 and "needs an explicit layout" in refused.stderr
 

@@ -12,7 +12,7 @@ import dataclasses
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-from launch.schema import Layout, ModelConfig, RunConfig, TrainConfig
+from launch.schema import KernelsConfig, Layout, ModelConfig, RunConfig, TrainConfig
 from tests.conftest import make_config
 from tests.unit.megatron_forward import cpu_rank, free_port
 from launch.planning.memory import saved_activation_bytes
@@ -35,11 +35,14 @@ class Case:
     mbs: int
     recompute: str
     recompute_num_layers: int = 1
+    fused: bool = False
+    """megatron's fused SwiGLU (``kernels.bias_activation_fusion``), which CPU ranks run."""
 
     def describe(self) -> str:
         return (f"h={self.hidden} a={self.heads} g={self.groups} f={self.ffn} L={self.layers} "
                 f"s={self.seq} b={self.mbs} {self.recompute}"
-                + (f"/{self.recompute_num_layers}" if self.recompute == "full" else ""))
+                + (f"/{self.recompute_num_layers}" if self.recompute == "full" else "")
+                + (" fused" if self.fused else ""))
 
     def config(self) -> RunConfig:
         return make_config(
@@ -50,7 +53,8 @@ class Case:
             f"train.seq_length={self.seq}", f"train.micro_batch_size={self.mbs}",
             f"train.global_batch_size={self.mbs}", f"train.recompute={self.recompute}",
             f"train.recompute_num_layers={self.recompute_num_layers}",
-            "cluster.gpus_per_node=1")
+            "cluster.gpus_per_node=1",
+            *(["kernels.bias_activation_fusion=true"] if self.fused else []))
 
 
 CASES = (
@@ -65,10 +69,13 @@ CASES = (
     Case(128, 8, 2, 352, 4, 128, 2, "full"),
     Case(256, 8, 2, 704, 4, 64, 4, "full", recompute_num_layers=2),
     Case(64, 4, 2, 160, 4, 32, 1, "full", recompute_num_layers=4),
+    Case(128, 8, 2, 352, 2, 128, 2, "none", fused=True),
+    Case(256, 8, 2, 704, 2, 256, 4, "selective", fused=True),
 )
 
 
-def _saved_bytes(runs: list[tuple[ModelConfig, TrainConfig]], port: int, rank: int = 0,
+def _saved_bytes(runs: list[tuple[ModelConfig, TrainConfig, KernelsConfig]], port: int,
+                 rank: int = 0,
                  cp: int = 1) -> list[tuple[int, int]]:
     """In a fresh process (CP rank ``rank`` of ``cp``): build each model and sum what its
     forward over this rank's chunks saves, and the K/V bytes its attention received from peers."""
@@ -88,8 +95,8 @@ def _saved_bytes(runs: list[tuple[ModelConfig, TrainConfig]], port: int, rank: i
     cp_attention.dist.all_gather = counted_gather
     out = []
     with cpu_rank(rank, cp, port, threads=2 // cp, cp=cp) as layout:
-        for model_cfg, train_cfg in runs:
-            chunks, _ = build_model(model_cfg, train_cfg, layout, False)
+        for model_cfg, train_cfg, kernels in runs:
+            chunks, _ = build_model(model_cfg, train_cfg, layout, False, kernels=kernels)
             model = chunks[0]
             weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
             saved: dict[int, int] = {}
@@ -117,7 +124,7 @@ def _saved_bytes(runs: list[tuple[ModelConfig, TrainConfig]], port: int, rank: i
 def test_saved_activations_match_megatron_core_on_cpu() -> None:
     configs = [case.config() for case in CASES]
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        measured = pool.submit(_saved_bytes, [(c.model, c.train) for c in configs],
+        measured = pool.submit(_saved_bytes, [(c.model, c.train, c.kernels) for c in configs],
                                free_port()).result(timeout=240)
     errors = []
     print(f"\n{'case':<46} {'measured B':>11} {'predicted B':>11} {'error':>9}")
@@ -144,7 +151,7 @@ def test_activations_per_context_parallel_rank_and_the_kv_exchange_match_on_cpu(
     configs = [case.config() for case in CP_CASES]
     port = free_port()
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
-        ranks = [pool.submit(_saved_bytes, [(c.model, c.train) for c in configs], port, rank, 2)
+        ranks = [pool.submit(_saved_bytes, [(c.model, c.train, c.kernels) for c in configs], port, rank, 2)
                  for rank in range(2)]
         measured = [rank.result(timeout=240) for rank in ranks]
     assert measured[0] == measured[1]  # load-balanced chunks: both ranks hold the same

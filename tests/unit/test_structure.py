@@ -13,11 +13,11 @@ from tests.conftest import REPO
 PACKAGES = ("launch", "megatron_ext", "tools")
 MODULES = sorted(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py"))
 SCHEMA = ["launch/schema.py", "launch/cluster_schema.py", "launch/watch_schema.py",
-          "launch/problems.py", "launch/run_folder.py", "launch/layout.py",
-          "launch/eval_schema.py"]
+          "launch/parallel_schema.py", "launch/kernels_schema.py", "launch/eval_schema.py",
+          "launch/problems.py", "launch/run_folder.py"]
 SHARED = {"launch.schema", "launch.cluster_schema", "launch.watch_schema", "launch.problems",
-          "launch.run_folder", "launch.layout", "launch.planning", "launch.tokenizer",
-          "launch.eval_schema"}
+          "launch.parallel_schema", "launch.kernels_schema", "launch.eval_schema",
+          "launch.run_folder", "launch.planning", "launch.tokenizer"}
 """The bottom layer inside ``launch``: what the login node, the ranks and the tools all use."""
 MAY_IMPORT = {"launch": set(), "megatron_ext": {"launch"}, "tools": {"launch", "megatron_ext"}}
 """Which of our packages each may import (README, "Project layout"): one way, no circle."""
