@@ -12,6 +12,7 @@ checkpoint loading mishandles; two small patches (``_torch_adam_checkpoint_patch
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -99,6 +100,16 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+def _rerun_on_cpu(backward: Any) -> Any:
+    """megatron's ``CheckpointFunction.backward`` reruns the checkpointed layers. A torch
+    function mode is off while its handler runs, and ``torch.autograd.backward`` goes through
+    the handler, so without this the rerun would build CUDA tensors (its causal mask)."""
+    def rerun(ctx, *grads):  # type: ignore[no-untyped-def]
+        with _CudaToCpu():
+            return backward(ctx, *grads)
+    return staticmethod(rerun)
+
+
 def _install_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -150,13 +161,18 @@ def cpu_mode() -> Iterator[None]:
     }
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.tensor_parallel.random import CheckpointFunction
 
     # Activation recomputation saves and restores the "CUDA" generator around the rerun.
     rng = {"_get_cuda_rng_state": lambda *args, **kwargs: torch.get_rng_state(),
            "_set_cuda_rng_state": lambda state, *args, **kwargs: torch.set_rng_state(state)}
+    rerun = {"backward": _rerun_on_cpu(CheckpointFunction.backward)}
     patches = [(torch.cuda, replacements), (megatron_random, rng),
-               (DistributedOptimizer, _torch_adam_checkpoint_patches())]
-    saved = [(owner, {name: getattr(owner, name) for name in names}) for owner, names in patches]
+               (DistributedOptimizer, _torch_adam_checkpoint_patches()),
+               (CheckpointFunction, rerun)]
+    # getattr_static: a staticmethod comes back as itself, so restoring it keeps it static.
+    saved = [(owner, {name: inspect.getattr_static(owner, name) for name in names})
+             for owner, names in patches]
     for owner, stand_ins in patches:
         for name, stand_in in stand_ins.items():
             setattr(owner, name, stand_in)

@@ -307,12 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     env = RunEnv.from_env()
     _setup_logging(env.rank)
     use_gpu = torch.cuda.is_available()
-    if not use_gpu and cfg.train.recompute != "none":
-        why = (f"train.recompute={cfg.train.recompute} needs GPU ranks: megatron-core's "
-               "recomputation creates CUDA tensors in backward; use train.recompute=none on CPU")
-        log.error("%s", why)
-        refuse_restart(cfg.run_dir, why)
-        return 2
     if use_gpu:
         nccl_net.prepare(cfg, env.rank)
         record_collectives()  # before the NCCL group exists, for the watchdog's hang dump

@@ -30,6 +30,7 @@ options:
 def memory_table(cfg: RunConfig, layout: Layout, memory: MemoryBreakdown) -> str:
     rows = [("weights", memory.weights_gib), ("gradients", memory.gradients_gib),
             ("optimizer", memory.optimizer_gib), ("activations", memory.activations_gib),
+            ("opt. step", memory.optimizer_step_gib),
             ("workspace", memory.workspace_gib), ("peak alloc.", memory.peak_gib),
             ("fragment.", memory.fragmentation_gib), ("reserved", memory.reserved_gib),
             ("context", memory.context_gib)]

@@ -32,9 +32,10 @@ from launch.schema import Layout, ModelConfig, RunConfig
 from launch.planning.flops import kv_channels, layer_linear_params, layer_params, padded_vocab_size
 
 GIB = 2**30
-SAFETY_MARGIN = 0.05
-"""``fits`` means required <= (1 - margin) * cluster.gpu_memory_gib: room for what no term
-models."""
+SAFETY_MARGIN = 1 - 79.18 / 80
+"""``fits`` means required <= (1 - margin) * cluster.gpu_memory_gib: the memory CUDA lets a
+process use, 79.18 GiB of an H100 80GB (shared/data/memory_h100_calibration.jsonl); the rest
+is the driver's. Everything else is a modelled term (fragmentation, context), not a margin."""
 CUDA_CONTEXT_GIB = 0.6
 """CUDA context with cuBLAS/cuDNN handles, outside torch's allocator (~550 MiB on H100, CUDA 12)."""
 NCCL_GIB_PER_GROUP = 0.25
@@ -43,8 +44,12 @@ outside torch's allocator."""
 TE_WORKSPACE_GIB = 0.125
 """Transformer Engine's cuBLASLt workspaces (32 MiB per stream) and fp8 scaling state, allocated
 through torch."""
-FRAGMENTATION = 0.05
-"""Allocator reserve above the tensors' peak (reserved - allocated), as a fraction of tensors."""
+FRAGMENTATION = {"none": 0.040, "selective": 0.215, "full": 0.215}
+"""Allocator reserve above the tensors' peak (reserved - allocated), as a fraction of the
+allocated peak: the largest gap measured in shared/data/memory_h100_calibration.jsonl, without
+recomputation (1.2-4.0%, 1B shape at seq 2048) and with it (5.3-21.5%, 1B shape at seq 2048,
+mbs 8, full: layers rerun in backward free and reallocate their tensors in a cache that cannot
+reuse the holes)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,10 @@ class MemoryBreakdown:
     gradients_gib: float
     optimizer_gib: float
     activations_gib: float
+    """At the forward/backward peak: saved tensors, the larger transient, the score buffer."""
+    optimizer_step_gib: float
+    """Live during the optimizer step instead of the activations (torch AdamW's temporaries,
+    the score buffer): the step's peak is the larger of the two phases."""
     workspace_gib: float
     """Transformer Engine workspaces (allocated through torch, so part of ``allocated_gib``)."""
     fragmentation_gib: float
@@ -70,7 +79,7 @@ class MemoryBreakdown:
     def allocated_gib(self) -> float:
         """Compares with ``torch.cuda.max_memory_allocated()``."""
         return (self.weights_gib + self.gradients_gib + self.optimizer_gib
-                + self.activations_gib + self.workspace_gib)
+                + max(self.activations_gib, self.optimizer_step_gib) + self.workspace_gib)
 
     @property
     def reserved_gib(self) -> float:
@@ -251,20 +260,10 @@ def saved_activation_bytes(cfg: RunConfig, layout: Layout, b: int, recompute: st
 
 def activation_bytes(cfg: RunConfig, layout: Layout, b: int, recompute: str, *,
                      first: bool, last: bool) -> float:
-    """Activations of one rank at its peak: ``saved_activation_bytes`` plus the larger of two
-    transients. Backward of a layer (or, with full recomputation, of a group rebuilt whole)
-    allocates gradients about the size of what it saved: ``layer_saved_bytes`` (none) per
-    layer of the group. The last stage's e-byte logits live beside their fp32 copy while the
-    loss is computed and again as their gradient (s b V e / t, none in fp32).
-    """
-    group = cfg.train.recompute_num_layers if recompute == "full" else 1
-    working = group * layer_saved_bytes(cfg, layout, b, "none")
-    if last:
-        e = activation_element_bytes(cfg.train.precision)
-        s, t = cfg.train.seq_length / layout.cp, layout.tp
-        logits = s * b * padded_vocab_size(cfg.model, t) / t * (0 if e == 4 else e)
-        working = max(working, logits)
-    return saved_activation_bytes(cfg, layout, b, recompute, first=first, last=last) + working
+    """Activations of one rank at its forward/backward peak (``peak.activation_peak_bytes``:
+    what it saved, the backward or loss transient, the local spec's score buffer)."""
+    from launch.planning.peak import activation_peak_bytes  # peak.py builds on this module
+    return activation_peak_bytes(cfg, layout, b, recompute, first=first, last=last)
 
 
 def state_bytes(cfg: RunConfig, layout: Layout, *, first: bool, last: bool) -> tuple[float, ...]:
@@ -297,16 +296,21 @@ def predict_all(cfg: RunConfig, layout: Layout,
     limit = (1 - SAFETY_MARGIN) * cfg.cluster.gpu_memory_gib
     workspace = TE_WORKSPACE_GIB if cfg.model.transformer_impl == "transformer_engine" else 0.0
     context = context_gib(layout)
+    from launch.planning.peak import optimizer_step_bytes  # peak.py builds on this module
     out = []
     for b, recompute in settings:
         candidates = []
         for first, last, (weights, grads, optimizer) in state:
             acts = activation_bytes(cfg, layout, b, recompute, first=first, last=last)
-            tensors = (weights + grads + optimizer + acts) / GIB
+            main_params = optimizer / bytes_per_param(cfg.train.precision)[2]
+            step = optimizer_step_bytes(cfg, layout, b, main_params)
+            tensors = (weights + grads + optimizer + max(acts, step)) / GIB
             candidates.append(MemoryBreakdown(
                 weights_gib=weights / GIB, gradients_gib=grads / GIB,
                 optimizer_gib=optimizer / GIB, activations_gib=acts / GIB,
-                workspace_gib=workspace, fragmentation_gib=FRAGMENTATION * tensors,
+                optimizer_step_gib=step / GIB,
+                workspace_gib=workspace,
+                fragmentation_gib=FRAGMENTATION[recompute] * (tensors + workspace),
                 context_gib=context, limit_gib=limit, stage="first" if first else "last"))
         out.append(max(candidates, key=lambda m: m.required_gib))
     return out
