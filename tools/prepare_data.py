@@ -30,7 +30,7 @@ from tools import text_filters
 from tools.curation.records import TextField, input_files, read_records
 from tools.curation.selection import merge, select
 from tools.curation.shards import (bottom, builder_class, finished, load_docs, shard_prefix,
-                                   source_id, write_shard)
+                                   source_id, tokenizer_digest, write_shard)
 from tools.curation.stats import file_row, summarise
 from tools.prepare_cli import parse
 from tools.prepare_progress import Progress, format_report
@@ -72,7 +72,7 @@ def _process(chunk: tuple[bool, list[tuple[int, str]]]) -> list[tuple[int, Any, 
 
 # -- pipeline -----------------------------------------------------------------------------
 def _shard(path: Path, shards_dir: Path, mapper: Any, dtype: type, progress: Progress,
-           options: Options, tokenizer: Path, code_sources: tuple[str, ...]) -> dict[str, Any]:
+           options: Options, tokenizer: str, code_sources: tuple[str, ...]) -> dict[str, Any]:
     """A finished shard of ``path``: reused when its source still matches, else written."""
     shard = shard_prefix(shards_dir, path)
     source = source_id(path, shard_options(options), tokenizer)
@@ -124,7 +124,8 @@ def prepare(inputs: list[Path], tokenizer: Path, prefix: Path, options: Options,
     mapper = (lambda chunks: pool.imap(_process, chunks)) if pool else (lambda c: map(_process, c))
     try:
         with Progress() as progress:
-            summaries = [_shard(path, shards_dir, mapper, dtype, progress, options, tokenizer,
+            digest = tokenizer_digest(tokenizer)
+            summaries = [_shard(path, shards_dir, mapper, dtype, progress, options, digest,
                                 code_sources) for path in files]
     finally:
         if pool:

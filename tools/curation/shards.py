@@ -49,7 +49,6 @@ def shard_prefix(shards: Path, path: Path) -> Path:
     return shards / f"{name}-{digest}"
 
 
-@functools.cache
 def tokenizer_digest(tokenizer: Path) -> str:
     """The tokenizer's contents (tokenizer.json and the config naming its end-of-document
     token), not its path: a tokenizer replaced in place makes every shard stale."""
@@ -61,11 +60,12 @@ def tokenizer_digest(tokenizer: Path) -> str:
     return digest.hexdigest()
 
 
-def source_id(path: Path, options: dict[str, Any], tokenizer: Path) -> dict[str, Any]:
-    """What a shard was made from; a shard is reused only when all of it still matches."""
+def source_id(path: Path, options: dict[str, Any], tokenizer: str) -> dict[str, Any]:
+    """What a shard was made from (``tokenizer``: its digest); a shard is reused only when all
+    of it still matches."""
     stat = path.stat()
     source = {"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-              "tokenizer": tokenizer_digest(tokenizer), "options": options}
+              "tokenizer": tokenizer, "options": options}
     return json.loads(json.dumps(source))  # tuples -> lists, as the summary reads back
 
 
