@@ -54,10 +54,11 @@ class Options:
 
 
 def shard_options(options: Options) -> dict[str, object]:
-    """The options a shard's contents depend on (dedup and the near-dup threshold act later,
-    corpus-wide, on what every shard stores)."""
+    """The options a shard's contents depend on: dedup and the near-dup threshold act later,
+    corpus-wide, on the keys and signatures a shard stores, so only whether it stores them
+    counts (keys cost ~5% of tokenizing, so a run without --dedup skips them)."""
     out = {k: v for k, v in vars(options).items() if k not in ("dedup", "near_dup")}
-    out["signatures"] = options.near_dup > 0
+    out["keys"], out["signatures"] = options.dedup, options.near_dup > 0
     return out
 
 
@@ -120,7 +121,7 @@ def apply(text: str, options: Options, exempt_pii: bool = False) -> Filtered:
         return Filtered(None, drop="language", language=lang)
     if options.quality and (rule := quality.reason(text, lang)):
         return Filtered(None, drop=f"quality: {rule}", language=lang)
-    doc = Filtered(text, dedup_key(text), language=lang)
+    doc = Filtered(text, dedup_key(text) if options.dedup else bytes(16), language=lang)
     if options.near_dup > 0:
         doc.signature = minhash.signature(text)
     if options.redact_pii and not exempt_pii:
