@@ -9,6 +9,7 @@ fraction of an epoch could take more weight.
 """
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from dataclasses import dataclass
@@ -66,6 +67,36 @@ def count_tokens(prefix: str) -> int | None:
         return int(dataset.sequence_lengths.sum())
 
 
+def source_languages(prefix: str) -> dict[str, int] | None:
+    """Tokens per language of a dataset tools.prepare_data wrote with language id on (from its
+    ``<prefix>.stats.json``); None when there is no such record."""
+    stats = Path(f"{prefix}.stats.json")
+    if not stats.is_file():
+        return None
+    languages = json.loads(stats.read_text()).get("languages") or {}
+    return {lang: int(v["tokens"]) for lang, v in languages.items()} or None
+
+
+def planned_by_language(shares: list[SourceShare],
+                        languages: list[dict[str, int] | None]) -> dict[str, int]:
+    """Pure: the planned tokens per language, each source's share split as its tokens are;
+    a source without a language record counts as "unknown"."""
+    out: dict[str, float] = {}
+    for share, langs in zip(shares, languages):
+        total = sum(langs.values()) if langs else 0
+        for lang, tokens in (langs.items() if total else [("unknown", 1)]):
+            fraction = tokens / total if total else 1.0
+            out[lang] = out.get(lang, 0.0) + share.planned_tokens * fraction
+    return {k: round(v) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def format_languages(by_language: dict[str, int]) -> str:
+    total = sum(by_language.values()) or 1
+    lines = [f"{'language':<10} {'planned tokens':>16} {'share':>7}"]
+    lines += [f"{lang:<10} {n:>16,} {n / total:>7.1%}" for lang, n in by_language.items()]
+    return "\n".join(lines)
+
+
 def format_table(shares: list[SourceShare], total: int) -> str:
     width = max(len(s.path) for s in shares)
     lines = [f"planned run: {total:,} tokens", f"{'source':<{width}} {'weight':>7} "
@@ -90,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     shares = blend(cfg, [count_tokens(s.path) for s in cfg.data.sources])
     print(format_table(shares, planned_tokens(cfg)))
+    languages = [source_languages(s.path) for s in cfg.data.sources]
+    if any(languages):
+        print(format_languages(planned_by_language(shares, languages)))
     return 0
 
 

@@ -43,15 +43,54 @@ class Progress:
             self._bar.close()
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """A table of tokens and filter counts per input file, then the totals."""
-    cols = ("documents", "kept", "duplicates", "too_short", "email", "phone", "tokens")
-    rows = [(r["file"] + (" (reused)" if r.get("skipped") else ""), *(r[c] for c in cols))
+def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
+    width = max(len(str(r[0])) for r in [header, *rows])
+    fmt = lambda v: f"{v:>12,}" if isinstance(v, int) else f"{v:>12}"  # noqa: E731
+    return [f"{str(r[0]):<{width}} " + " ".join(fmt(v) for v in r[1:]) for r in [header, *rows]]
+
+
+def _files(report: dict[str, Any]) -> list[str]:
+    pii = list(report["total"])[len(("documents", "kept", "duplicates", "too_short",
+                                     "tokens")):]
+    cols = ("documents", "malformed", "kept", "duplicates", "near_duplicates", "too_short",
+            *pii, "tokens")
+    value = lambda r, c: sum(r["malformed"].values()) if c == "malformed" else r.get(c, 0)  # noqa
+    rows = [(r["file"] + (" (reused)" if r.get("skipped") else ""), *(value(r, c) for c in cols))
             for r in report["files"]]
-    rows.append(("total", *(report["total"][c] for c in cols)))
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'file':<{width}} " + " ".join(f"{c:>12}" for c in cols)]
-    lines += [f"{r[0]:<{width}} " + " ".join(f"{v:>12,}" for v in r[1:]) for r in rows]
+    rows.append(("total", *(sum(value(r, c) for r in report["files"]) for c in cols)))
+    return _table(("file", *(c.replace("_duplicates", "_dups") for c in cols)), rows)
+
+
+def _curation(report: dict[str, Any]) -> list[str]:
+    lines = ["", *_table(("stage", "in", "out", "retention %"),
+                         [(s["stage"], s["in"], s["out"], f"{s['retention_pct']:.2f}")
+                          for s in report["stages"]])]
+    if report["languages"]:
+        lines += ["", *_table(("language", "documents", "tokens", "tokens %"),
+                              [(k, v["documents"], v["tokens"], f"{v['token_share_pct']:.2f}")
+                               for k, v in report["languages"].items()])]
+    if report["pii"]:
+        lines += ["", *_table(("pii class", "hits", "documents", "docs %"),
+                              [(k, v["hits"], v["documents"], f"{v['document_rate_pct']:.3f}")
+                               for k, v in report["pii"].items()])]
+    for reason, n in report["dropped"].items():
+        lines.append(f"dropped {n:,}: {reason}")
+    clusters = report["clusters"]
+    if clusters["exact"] or clusters["near"]:
+        lines.append(f"duplicate clusters: {clusters['exact']:,} exact, {clusters['near']:,} "
+                     "near; largest (canonical copy kept):")
+        lines += [f"  {c['canonical']} ({c['kind']}): {c['copies_dropped']:,} copies dropped"
+                  for c in clusters["largest"][:5]]
+    for reason, n in report["malformed"].items():
+        lines.append(f"malformed {n:,}: {reason}")
+    lines += [f"  {e}" for r in report["files"] for e in r["malformed_examples"]]
+    return lines
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Per input file: documents, drops and tokens; then retention per stage, languages, PII,
+    duplicate clusters and the malformed records by file and line."""
+    lines = _files(report) + _curation(report)
     seconds = report["seconds"]
     new_tokens = sum(r["tokens"] for r in report["files"] if not r.get("skipped"))
     lines.append(f"wrote {report['output_prefix']}.bin/.idx ({report['dtype']}) in "

@@ -1,25 +1,24 @@
-"""Document filters for data preparation: pure functions of one text, no I/O.
+"""The per-document stages of data preparation: pure functions of one text, no I/O.
 
-Kept separate from the pipeline so each rule is testable in microseconds and the
-worker processes import nothing heavy.
+Kept separate from the pipeline so each rule is testable in microseconds; they run in the
+tokenizing workers. Corpus-wide stages (exact and near-duplicate selection) are not here:
+they run over the keys and signatures these stages compute (tools/curation/selection.py).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass, field
 
-EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-# Digit groups joined by spaces, dots or dashes, an optional +country code and (area code),
-# not glued to other digits, words, times (":") or dotted/dashed runs (UUIDs, versions).
-# A match is a phone number only with 9-15 digits (E.164's maximum) and not an IPv4 address,
-# so dates, times, years and version numbers survive.
-PHONE = re.compile(r"(?<![\w+.:-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{2,5}"
-                   r"(?:[ .-]\d{2,5}){1,4}(?![\w:]|[.-]\w)")
-_IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
-EMAIL_MASK, PHONE_MASK = "[EMAIL]", "[PHONE]"
+import numpy
+
+from tools.curation import language, minhash, pii, quality
+
 _SPACES = re.compile(r"\s+")
+AUDIT_CONTEXT = 40
+"""Characters kept either side of a PII hit in the audit sample."""
 
 
 @dataclass
@@ -31,19 +30,50 @@ class Options:
     min_chars: int = 0
     """Drop documents shorter than this (after normalisation)."""
     dedup: bool = False
-    """Drop documents whose normalised text was seen before (first occurrence wins)."""
+    """Drop documents whose normalised text was seen before, anywhere in the corpus (the first
+    occurrence in input order wins)."""
     redact_pii: bool = False
-    """Replace e-mail addresses and phone numbers by placeholders."""
+    """Look for PII with ``pii``'s policy (the default one: e-mails and phones redacted)."""
     text_key: str = "text"
+    pii: str = "default"
+    """Per data class: ``email=redact,phone=drop,credit_card=count,iban=redact``."""
+    pii_locale: str = "us"
+    """Locale profiles whose national phone formats are recognised (tools/curation/pii.py)."""
+    quality: bool = False
+    """Drop documents that break a heuristic quality rule (tools/curation/quality.py)."""
+    languages: str = ""
+    """Keep only these languages (ISO 639-1, comma-separated); "" keeps all."""
+    langid: bool = False
+    """Identify each document's language (implied by ``languages``)."""
+    near_dup: float = 0.0
+    """Drop near-duplicates at or above this estimated Jaccard similarity (0: off)."""
+
+    @property
+    def identifies_language(self) -> bool:
+        return self.langid or bool(self.languages) or self.quality
+
+
+def shard_options(options: Options) -> dict[str, object]:
+    """The options a shard's contents depend on: dedup and the near-dup threshold act later,
+    corpus-wide, on the keys and signatures a shard stores, so only whether it stores them
+    counts (keys cost ~5% of tokenizing, so a run without --dedup skips them)."""
+    out = {k: v for k, v in vars(options).items() if k not in ("dedup", "near_dup")}
+    out["keys"], out["signatures"] = options.dedup, options.near_dup > 0
+    return out
 
 
 @dataclass
 class Filtered:
-    """One document after the filters; ``text`` is None when it was dropped as too short."""
+    """One document after the filters; ``text`` is None when it was dropped (``drop`` says why)."""
 
     text: str | None
     dedup_key: bytes = b""
     pii: dict[str, int] = field(default_factory=dict)
+    drop: str = ""
+    language: str = ""
+    signature: numpy.ndarray | None = None
+    audit: list[tuple[str, str]] = field(default_factory=list)
+    """PII hits as (class, the hit with its context), for the audit sample."""
 
 
 def dedup_key(text: str) -> bytes:
@@ -52,35 +82,48 @@ def dedup_key(text: str) -> bytes:
     return hashlib.blake2b(normal.encode(), digest_size=16).digest()
 
 
-def _is_phone(match: re.Match[str]) -> bool:
-    digits = sum(ch.isdigit() for ch in match.group())
-    return 9 <= digits <= 15 and not _IPV4.fullmatch(match.group())
+@functools.cache
+def _policy(spec: str, locales: str) -> pii.Policy:
+    return pii.Policy.parse(spec, locales)
 
 
-def redact(text: str) -> tuple[str, dict[str, int]]:
-    """Text with e-mails and phone numbers masked, and how many of each were found."""
-    text, emails = EMAIL.subn(EMAIL_MASK, text)
-    phones = 0
-
-    def mask(match: re.Match[str]) -> str:
-        nonlocal phones
-        if not _is_phone(match):
-            return match.group()
-        phones += 1
-        return PHONE_MASK
-
-    text = PHONE.sub(mask, text)
-    return text, {"email": emails, "phone": phones}
+def redact(text: str, policy: pii.Policy | None = None) -> tuple[str, dict[str, int]]:
+    """Text with the policy's redacted classes masked, and the hits per class."""
+    policy = policy or _policy("default", "us")
+    hits = pii.detect(text, policy)
+    counts = {kind: sum(h.kind == kind for h in hits) for kind, _ in policy.actions}
+    return pii.apply_policy(text, hits, policy) or "", counts
 
 
-def apply(text: str, options: Options) -> Filtered:
-    """Normalise, length-check, key and redact one document."""
+def _pii(doc: Filtered, options: Options) -> Filtered:
+    policy = _policy(options.pii, options.pii_locale)
+    hits = pii.detect(doc.text or "", policy)
+    doc.pii = {kind: sum(h.kind == kind for h in hits) for kind, _ in policy.actions}
+    text = doc.text or ""
+    doc.audit = [(h.kind, text[max(h.start - AUDIT_CONTEXT, 0):h.end + AUDIT_CONTEXT])
+                 for h in hits]
+    doc.text = pii.apply_policy(text, hits, policy)
+    if doc.text is None:
+        dropped = next(h.kind for h in hits if dict(policy.actions)[h.kind] == "drop")
+        doc.drop = f"pii: {dropped}"
+    return doc
+
+
+def apply(text: str, options: Options, exempt_pii: bool = False) -> Filtered:
+    """Normalise, length-check, identify the language, quality-check, key, sign and redact
+    one document. ``exempt_pii``: a code source, whose ``x@self.weight`` is no e-mail."""
     if options.nfkc:
         text = unicodedata.normalize("NFKC", text)
     if len(text) < options.min_chars or not text.strip():
-        return Filtered(None)
-    key = dedup_key(text) if options.dedup else b""
-    if not options.redact_pii:
-        return Filtered(text, key)
-    text, counts = redact(text)
-    return Filtered(text, key, counts)
+        return Filtered(None, drop="too short")
+    lang = language.identify(text) if options.identifies_language else ""
+    if options.languages and lang not in options.languages.split(","):
+        return Filtered(None, drop="language", language=lang)
+    if options.quality and (rule := quality.reason(text, lang)):
+        return Filtered(None, drop=f"quality: {rule}", language=lang)
+    doc = Filtered(text, dedup_key(text) if options.dedup else bytes(16), language=lang)
+    if options.near_dup > 0:
+        doc.signature = minhash.signature(text)
+    if options.redact_pii and not exempt_pii:
+        doc = _pii(doc, options)
+    return doc

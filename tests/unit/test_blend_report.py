@@ -18,3 +18,23 @@ def test_blend_example_composes_and_normalises_weights() -> None:
     assert shares[1].epochs is None
     assert shares[3].epochs == pytest.approx(shares[3].planned_tokens / 990)
     assert "missing" in format_table(shares, planned_tokens(cfg))
+
+
+def test_planned_tokens_split_by_each_source_s_languages(tmp_path) -> None:
+    import json
+
+    from tools.blend_report import format_languages, planned_by_language, source_languages
+
+    cfg = make_config("data=blend_example", "train.steps=100", "train.global_batch_size=8",
+                      "train.seq_length=128")
+    shares = blend(cfg, [1000, 1000, 1000, 1000])
+    stats = tmp_path / "web.stats.json"  # as tools.prepare_data --langid writes it
+    stats.write_text(json.dumps({"languages": {"de": {"tokens": 750}, "en": {"tokens": 250}}}))
+    web = source_languages(str(tmp_path / "web"))
+    assert web == {"de": 750, "en": 250} and source_languages(str(tmp_path / "none")) is None
+    by_language = planned_by_language(shares, [web, {"en": 10}, None, None])
+    assert by_language["de"] == round(shares[0].planned_tokens * 0.75)
+    assert by_language["en"] == round(shares[0].planned_tokens * 0.25 + shares[1].planned_tokens)
+    assert by_language["unknown"] == shares[2].planned_tokens + shares[3].planned_tokens
+    assert sum(by_language.values()) == pytest.approx(planned_tokens(cfg), abs=2)
+    assert "de" in format_languages(by_language).splitlines()[1]

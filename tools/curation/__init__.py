@@ -1,0 +1,7 @@
+"""Corpus curation stages for tools.prepare_data: reading, quality, language, PII, dedup.
+
+Each module is one stage; per-document stages are pure functions of one text (run in the
+tokenizing workers), corpus-wide stages (exact and near-duplicate selection) run once over
+the per-document keys every shard stores, so their decisions never depend on which shards
+a rerun reused.
+"""

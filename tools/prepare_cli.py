@@ -1,0 +1,70 @@
+"""tools.prepare_data's command line: flags -> Options, every bad value refused up front with
+one line naming the flag and what it accepts, before a file is read."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from tools.curation import pii
+from tools.curation.language import parse_languages
+from tools.text_filters import Options
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.prepare_data",
+                                description="JSONL/Parquet text -> megatron-core .bin/.idx")
+    p.add_argument("--input", type=Path, nargs="+", required=True,
+                   help=".jsonl, .jsonl.gz or .parquet files, or directories searched for them")
+    p.add_argument("--tokenizer", type=Path, required=True,
+                   help="tokenizer.json, or a Hugging Face directory holding one")
+    p.add_argument("--output-prefix", type=Path, required=True)
+    p.add_argument("--workers", type=int, default=max((os.cpu_count() or 2) - 1, 1),
+                   help="tokenizing processes (default: cores - 1; the main process "
+                   "reads, dedups and writes)")
+    p.add_argument("--text-key", default="text")
+    p.add_argument("--min-chars", type=int, default=0)
+    p.add_argument("--dedup", action="store_true",
+                   help="exact dedup of normalised text, corpus-wide (first copy kept)")
+    p.add_argument("--near-dup", type=float, default=0.0, metavar="JACCARD",
+                   help="also drop near-duplicates (MinHash-LSH) at or above this similarity, "
+                   "e.g. 0.8; 0 (default) is off")
+    p.add_argument("--nfkc", action="store_true", help="Unicode NFKC normalisation")
+    p.add_argument("--redact-pii", action="store_true",
+                   help="look for PII and apply --pii (default: mask e-mails and phones)")
+    p.add_argument("--pii", default="default", metavar="CLASS=POLICY,...",
+                   help=f"classes {', '.join(pii.CLASSES)}; policies {', '.join(pii.POLICIES)}")
+    p.add_argument("--pii-locale", default="us",
+                   help=f"phone formats of these profiles: {', '.join(pii.LOCALES)}")
+    p.add_argument("--code-sources", nargs="*", default=[], metavar="GLOB",
+                   help="input files holding code, exempt from PII masking (e.g. '*/github/*')")
+    p.add_argument("--languages", default="",
+                   help="keep only these languages (ISO 639-1, e.g. de,en); implies --langid")
+    p.add_argument("--langid", action="store_true",
+                   help="identify each document's language; tokens per language in the report")
+    p.add_argument("--quality", action="store_true", help="heuristic quality filters")
+    p.add_argument("--keep-shards", action="store_true",
+                   help="keep the per-file shards after the merge")
+    return p
+
+
+def check(options: Options) -> None:
+    """ValueError naming the flag of the first bad value."""
+    if options.min_chars < 0:
+        raise ValueError(f"--min-chars {options.min_chars}: expected 0 or more")
+    if not 0 <= options.near_dup < 1:
+        raise ValueError(f"--near-dup {options.near_dup}: expected a Jaccard similarity in "
+                         "(0, 1), e.g. 0.8, or 0 for off")
+    pii.Policy.parse(options.pii, options.pii_locale)
+    if options.languages:
+        options.languages = ",".join(parse_languages(options.languages))
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
+    args = parser().parse_args(argv)
+    options = Options(nfkc=args.nfkc, min_chars=args.min_chars, dedup=args.dedup,
+                      redact_pii=args.redact_pii, text_key=args.text_key, pii=args.pii,
+                      pii_locale=args.pii_locale, quality=args.quality,
+                      languages=args.languages, langid=args.langid, near_dup=args.near_dup)
+    check(options)
+    return args, options
