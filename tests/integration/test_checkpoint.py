@@ -323,7 +323,8 @@ def test_after_a_fallback_only_good_checkpoints_are_kept_and_copied_and_restore_
     ckpt_dir, _ = _corrupt_newest(reference[0], tmp_path, _flip_a_byte)
     bucket = "ckpt-fallback"
     run = ("train.steps=6", "checkpoint.keep_last=1", "checkpoint.keep_every=4",
-           f"checkpoint.s3_uri=s3://{bucket}/run")
+           f"checkpoint.s3_uri=s3://{bucket}/run",
+           "train.lr_schedule_on_resume=config")  # 6 steps over the reference's 12-step schedule
     with s3_endpoint() as endpoint:
         for key, value in aws_env(endpoint).items():  # the ranks inherit the environment
             monkeypatch.setenv(key, value)
