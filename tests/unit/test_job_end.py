@@ -52,6 +52,23 @@ def test_a_job_given_up_after_max_restarts_says_so_once_even_after_a_rank_alerte
         receiver.close()
 
 
+def test_a_job_given_up_on_a_sigterm_end_still_says_so(tmp_path, monkeypatch):
+    """The batch script counts an attempt its ranks left with 143 (SIGTERM from outside) as a
+    failure; when it gives up on such a one, the alert must go out (it was taken as planned)."""
+    receiver = Receiver()
+    try:
+        monkeypatch.setenv(alerts.URL_ENV, receiver.url)
+        config = write_run_dir(make_config("logging.slack.enabled=true", "cluster.max_restarts=1",
+                                           run_dir=str(tmp_path)))
+        assert job_end.main([str(config), str(128 + signal.SIGTERM)]) == 0  # planned: silent
+        assert not receiver.posts
+        assert job_end.main([str(config), str(128 + signal.SIGTERM), "2"]) == 0
+        assert len(receiver.posts) == 1 and "the job failed 2 times (last exit code 143) and " \
+            "is not requeued again (cluster.max_restarts=1)" in receiver.posts[0]
+    finally:
+        receiver.close()
+
+
 def test_a_failed_node_health_check_is_the_alert_with_the_nodes_and_what_was_done(
         tmp_path, monkeypatch):
     receiver = Receiver()
