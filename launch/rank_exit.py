@@ -30,6 +30,11 @@ _NODE_FAILURE = re.compile(r"^srun: error: Node failure on (\S+)$", re.M)
 _EXITED = re.compile(r"Exited with exit code (\d+)")
 
 
+def signal_name(code: int) -> Optional[str]:
+    """The signal behind a shell exit status (128 + its number), e.g. ``SIGKILL``; else None."""
+    return signal.Signals(code - 128).name if 128 < code < 128 + 65 else None
+
+
 @dataclass(frozen=True)
 class RankExit:
     rank: str
@@ -39,8 +44,8 @@ class RankExit:
     """As the shell reports it: 128 + the signal's number for a rank killed by one."""
 
     def how(self) -> str:
-        if 128 < self.code < 128 + 65:
-            name = signal.Signals(self.code - 128).name
+        name = signal_name(self.code)
+        if name:
             oom = (f" (SIGKILL is often the kernel's OOM killer: look for 'Out of memory' in "
                    f"dmesg on {self.node})" if name == "SIGKILL" else "")
             return f"was killed by {name}{oom}"

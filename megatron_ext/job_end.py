@@ -35,8 +35,8 @@ def needs_alert(exit_code: int, claimed: list[str]) -> bool:
 
 
 def explain(exit_code: int) -> str:
-    died = (f"killed by {signal.Signals(exit_code - 128).name}" if 128 < exit_code < 128 + 65
-            else f"ended with exit code {exit_code}")
+    name = rank_exit.signal_name(exit_code)
+    died = f"killed by {name}" if name else f"ended with exit code {exit_code}"
     return (f"a rank {died} and no rank reported an error: out of memory (the kernel's OOM "
             "killer), a node failure, or a signal; the rank logs say which")
 
