@@ -10,7 +10,6 @@ run folder (``RESUME_CHANGES``). The rules are pure functions of two config tree
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
+from launch import ckpt_commit
 from launch.config import to_yaml
 from launch.schema import RUN_CONFIG, RunConfig
 
@@ -33,8 +33,6 @@ COMPARED = ("model", "parallel", "train", "optimizer", "data")
 """Sections whose changes are reported; cluster, logging and launch change freely."""
 RESUME_CHANGES = "resume-changes.txt"
 """File in ``run_dir``: the changes against the resumed checkpoint's config, as printed."""
-_COMMITTED = "COMMITTED.json"  # megatron_ext.commit.MARKER (launch cannot import megatron_ext)
-_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 @dataclass(frozen=True)
@@ -49,9 +47,9 @@ class Change:
 
 def newest_committed(checkpoint_dir: Path) -> Optional[Path]:
     """The newest committed ``step_<N>`` folder holding its config, or None."""
-    found = [(int(m.group(1)), p) for p in checkpoint_dir.glob("step_*")
-             if (m := _STEP_DIR.fullmatch(p.name)) and (p / _COMMITTED).is_file()
-             and (p / RUN_CONFIG).is_file()]
+    found = [(step, p) for p in checkpoint_dir.glob("step_*")
+             if (step := ckpt_commit.parse_step(p.name)) is not None
+             and (p / ckpt_commit.MARKER).is_file() and (p / RUN_CONFIG).is_file()]
     return max(found)[1] if found else None
 
 

@@ -4,7 +4,7 @@ Every rank writes its own shards with megatron-core's ``dist_checkpointing`` (to
 format): the state is planned while training waits, then a forked process writes it while
 training goes on (``AsyncCallsQueue``); on CPU the fork itself is the snapshot (copy on
 write), on GPU megatron first copies the tensors to host memory. When every rank finished,
-rank 0 commits (``megatron_ext.commit``): manifest marker, rename ``.tmp`` -> final,
+rank 0 commits (``launch.ckpt_commit``): manifest marker, rename ``.tmp`` -> final,
 ``latest`` pointer, retention. Each rank's writer also records the SHA-256 of its shards;
 resume re-checks them, split over the ranks (``checkpoint.verify``, ``ckpt_files``).
 
@@ -47,7 +47,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from launch.schema import CheckpointConfig, Layout
-from megatron_ext import commit
+from launch import ckpt_commit as commit
 from megatron_ext.ckpt_files import (fresh_dir, listing, publish, remove, verify,
                                       verify_shards, with_shard_digests)
 from megatron_ext.rng import rng_state, set_rng_state

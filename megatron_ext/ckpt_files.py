@@ -1,7 +1,7 @@
 """A checkpoint folder on disk: shard checksums, the commit, and verification before a load.
 
 The rules (which folders count as committed, retention, what the manifest holds) are pure
-functions in ``megatron_ext.commit``; this module does the I/O. No torch: the HF exporter
+functions in ``launch.ckpt_commit``; this module does the I/O. No torch: the HF exporter
 and rank 0's checks import it cheaply.
 
 Checksums: each rank's writer process hashes the shards it just wrote (SHA-256, read back
@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from megatron_ext import commit
+from launch import ckpt_commit as commit
 
 log = logging.getLogger("megatron_ext.checkpoint")
 

@@ -16,7 +16,7 @@ from megatron.core.models.gpt import GPTModel
 
 from launch.planning.flops import padded_vocab_size
 from launch.schema import ModelConfig
-from megatron_ext import commit
+from launch import ckpt_commit as commit
 from megatron_ext.checkpoint import shard_problems
 from megatron_ext.ckpt_files import listing
 from megatron_ext.hf_llama import PADDED_ROWS, WeightSource, model_problems

@@ -3,7 +3,7 @@
 ``checkpoint.dir`` is on a shared filesystem, so rank 0 alone uploads, from a daemon thread:
 training only enqueues. ``COMMITTED.json`` goes up last and is deleted first, so a copy in S3
 is complete if and only if its marker is there; a restore trusts only marked copies, like
-the loader trusts only marked folders (``megatron_ext.commit``). Retention in S3 follows the
+the loader trusts only marked folders (``launch.ckpt_commit``). Retention in S3 follows the
 copies S3 holds (``prune``), not the local deletions: while uploads fail, S3 keeps its last
 complete copies. A failed copy is logged and reported through ``on_failure``, never raised. A
 run whose ``checkpoint.dir`` holds no intact checkpoint downloads the complete copies it lacks,
@@ -33,7 +33,7 @@ import botocore.config
 from boto3.s3.transfer import TransferConfig
 
 from launch.schema import CheckpointConfig
-from megatron_ext import commit
+from launch import ckpt_commit as commit
 from megatron_ext.background import BackgroundWorker
 from megatron_ext.ckpt_files import fetched, verify, verify_shards
 

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_ext import commit
+from launch import ckpt_commit as commit
 from megatron_ext.ckpt_files import listing, verify, verify_shards
 from megatron_ext.hf_llama import (
     ARCHITECTURE,

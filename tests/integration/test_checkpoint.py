@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from launch.schema import REQUEUE_REQUEST
-from megatron_ext import commit
+from launch import ckpt_commit as commit
 from megatron_ext.ckpt_files import listing
 from megatron_ext.replicate import S3Replicator, s3_client
 from tests.conftest import REPO, run_launch

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_ext import commit
+from launch import ckpt_commit as commit
 from tests.conftest import run_launch
 from tests.integration.checkpoint_forward import checkpoint_logits
 from tests.unit.megatron_forward import free_port

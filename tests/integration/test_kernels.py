@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_ext import commit
+from launch import ckpt_commit as commit
 from tests.conftest import run_launch
 from tests.integration.conftest import read_metrics
 

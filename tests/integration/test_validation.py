@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from launch.config import load
 from launch.eval_schema import eval_sources
-from megatron_ext import commit
+from launch import ckpt_commit as commit
 from tests.conftest import run_launch
 from tests.integration.conftest import read_metrics
 from tests.unit.megatron_forward import free_port

@@ -1,7 +1,7 @@
 """The commit protocol's rules: which folders count, which are loaded, which are deleted."""
 from __future__ import annotations
 
-from megatron_ext import commit
+from launch import ckpt_commit as commit
 
 LISTING = {  # folder name -> holds the commit marker
     "step_000010": True,

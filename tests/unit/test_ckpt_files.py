@@ -8,7 +8,7 @@ from pathlib import Path
 
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 
-from megatron_ext import commit
+from launch import ckpt_commit as commit
 from megatron_ext.ckpt_files import publish, verify, verify_shards, with_shard_digests
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from launch.config import to_yaml
-from megatron_ext import commit
+from launch import ckpt_commit as commit
 from megatron_ext.init_from import vocab_rows
 from tests.conftest import make_config
 

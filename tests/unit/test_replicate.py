@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from launch.schema import CheckpointConfig
-from megatron_ext import commit
+from launch import ckpt_commit as commit
 from megatron_ext.ckpt_files import file_sha256, publish
 from megatron_ext.replicate import NullReplicator, S3Replicator, s3_client
 from tests.conftest import REPO

@@ -14,10 +14,10 @@ PACKAGES = ("launch", "megatron_ext", "tools")
 MODULES = sorted(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py"))
 SCHEMA = ["launch/schema.py", "launch/cluster_schema.py", "launch/watch_schema.py",
           "launch/parallel_schema.py", "launch/kernels_schema.py", "launch/eval_schema.py",
-          "launch/problems.py", "launch/run_folder.py"]
+          "launch/problems.py", "launch/run_folder.py", "launch/ckpt_commit.py"]
 SHARED = {"launch.schema", "launch.cluster_schema", "launch.watch_schema", "launch.problems",
           "launch.parallel_schema", "launch.kernels_schema", "launch.eval_schema",
-          "launch.run_folder", "launch.planning", "launch.tokenizer"}
+          "launch.run_folder", "launch.planning", "launch.tokenizer", "launch.ckpt_commit"}
 """The bottom layer inside ``launch``: what the login node, the ranks and the tools all use."""
 MAY_IMPORT = {"launch": set(), "megatron_ext": {"launch"}, "tools": {"launch", "megatron_ext"}}
 """Which of our packages each may import (README, "Project layout"): one way, no circle."""
