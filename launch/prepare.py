@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,8 @@ from launch.config import CONF_DIR, derive_layout, to_yaml, validate
 from launch.eval_schema import eval_data_problems
 from launch.planning.planner import configure, describe_pinned, explain_no_fit, pinned, plan
 from launch.rank_exit import LAUNCH_COMMAND
-from launch.schema import ALERTS_SENT, RUN_CONFIG, DataSource, Layout, RunConfig
+from launch.run_folder import clear_alert_claims
+from launch.schema import RUN_CONFIG, DataSource, Layout, RunConfig
 
 
 def _absolute(path: str, base: Path) -> str:
@@ -129,7 +129,7 @@ def write_run_dir(cfg: RunConfig, command: str = "") -> Path:
     that launched it (``rank_exit.LAUNCH_COMMAND``, which a failure report repeats)."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(run_dir / ALERTS_SENT, ignore_errors=True)  # a new attempt alerts afresh
+    clear_alert_claims(run_dir)
     config_path = run_dir / RUN_CONFIG
     config_path.write_text(to_yaml(cfg))
     if command:

@@ -3,6 +3,9 @@ of the files through which they tell each other what happened, and the exit code
 a restart may cure. Re-exported by ``launch.schema``."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 RUN_CONFIG = "config.yaml"
 """File in ``run_dir``: the resolved config every rank (and ``megatron_ext.job_end``) reads."""
 ALERTS_SENT = "alerts-sent"
@@ -37,3 +40,9 @@ ATTEMPT_LOG_FROM = "attempt-log-from"
 """File in ``run_dir``: where the running attempt's part of the batch stderr starts; removed by
 its teardown, so the next attempt finds it only after Slurm ended the job itself (a node
 failure) and reports that end."""
+
+
+def clear_alert_claims(run_dir: Path | str) -> None:
+    """A new attempt of the job alerts afresh: the launcher, and rank 0 under HyperPod's
+    ``srun --auto-resume`` (which retries the step without the batch script), call this."""
+    shutil.rmtree(Path(run_dir) / ALERTS_SENT, ignore_errors=True)

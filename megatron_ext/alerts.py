@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import socket
 import sys
 import threading
@@ -23,6 +22,7 @@ from slack_sdk.http_retry.builtin_handlers import (ConnectionErrorRetryHandler,
 from slack_sdk.http_retry.builtin_interval_calculators import BackoffRetryIntervalCalculator
 from slack_sdk.webhook import WebhookClient
 
+from launch.run_folder import clear_alert_claims
 from launch.schema import ALERTS_SENT, RunConfig
 from megatron_ext.background import BackgroundWorker
 
@@ -108,10 +108,8 @@ def claims_dir(cfg: RunConfig) -> Path:
 
 
 def clear_claims(cfg: RunConfig) -> None:
-    """A new attempt of the job alerts afresh. Rank 0 calls this before the rendezvous, so no
-    peer can have claimed yet: HyperPod's ``srun --auto-resume`` retries the step without the
-    batch script, whose set-up (and the local launcher's) clears the claims otherwise."""
-    shutil.rmtree(claims_dir(cfg), ignore_errors=True)
+    """Rank 0 calls this before the rendezvous, so no peer can have claimed yet."""
+    clear_alert_claims(cfg.run_dir)
 
 
 def first_to_claim(claim: Path, who: str) -> Optional[str]:
