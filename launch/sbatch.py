@@ -52,6 +52,11 @@ def _setup_lines(cfg: RunConfig, repo: Path, python: str) -> list[str]:
         'echo "job ${SLURM_JOB_ID} on ${SLURM_JOB_NODELIST}, restart ${SLURM_RESTART_COUNT:-0}"',
         "# where this attempt's part of the stderr starts: job_end reads srun's reports from there",
         f"attempt_log_from=$(stat -c %s {_batch_stderr(cfg)} 2>/dev/null || echo 0)",
+        # A requeued attempt reuses the job id and step ids: slurmctld's retried signal for the
+        # previous attempt's step would kill this one's (slurm/settle.sh). 150 s: two of its
+        # 60-s RPC retries, each bounded by MessageTimeout (10 s default).
+        'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then bash '
+        + shlex.quote(str(repo / "slurm" / "settle.sh")) + " 150; fi",
     ]
     env_files = ["megatron"] + ([c.interconnect] if c.interconnect != "none" else [])
     lines += ["source " + shlex.quote(str(repo / "slurm" / "env" / f"{name}.sh"))

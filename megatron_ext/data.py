@@ -2,7 +2,10 @@
 
 Sample order is a pure function of ``consumed_samples``: global batch ``b`` is samples
 ``[b*gbs, (b+1)*gbs)`` of the blended dataset, split the same way on every layout. That is
-what makes TP/PP/DP runs comparable and a resumed run see exactly the data it would have.
+what makes TP/PP/DP runs comparable and a resumed run see exactly the data it would have,
+also at another ``train.global_batch_size`` (the checkpoint keeps ``consumed_samples``, as
+Megatron's ``consumed_train_samples``). Each step's ``data_digest`` (metrics.jsonl) fingerprints
+which samples it read, in which places, so two runs can be checked to read the same data.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
+import zlib
 
 import numpy
 import torch
@@ -111,11 +115,20 @@ def _one_epoch(cfg: RunConfig, cache_dir: str, path: Optional[str]) -> GPTDatase
                                          dataset_config(cfg, cache_dir, blend)).build()[0]
 
 
-def build_train_dataset(cfg: RunConfig, cache_dir: str) -> Union[SourcePasses, BlendedDataset]:
-    """``train.steps`` global batches of samples; sample ``i`` is the same whatever
-    ``train.steps`` is (``megatron_ext.passes``), so an extended run keeps its data order."""
+def samples_to_read(consumed: int, start_step: int, steps: int, global_batch_size: int) -> int:
+    """The samples a run has read after its last step: what its checkpoint consumed (at the
+    batch size of the run that saved it), then ``global_batch_size`` per remaining step."""
+    return consumed + max(steps - start_step, 0) * global_batch_size
+
+
+def build_train_dataset(cfg: RunConfig, cache_dir: str, num_samples: Optional[int] = None
+                        ) -> Union[SourcePasses, BlendedDataset]:
+    """``num_samples`` samples (default: ``train.steps`` global batches); sample ``i`` is the
+    same whatever the size is (``megatron_ext.passes``; megatron's greedy blending index is
+    prefix-stable), so an extended run, or one resumed at another batch size, keeps its order."""
     data, train = cfg.data, cfg.train
-    num_samples = train.steps * train.global_batch_size
+    if num_samples is None:
+        num_samples = train.steps * train.global_batch_size
     paths = [s.path for s in data.sources] if data.kind == "indexed" else [None]
     sources = [SourcePasses.covering(_one_epoch(cfg, cache_dir, path), train.seed, num_samples)
                for path in paths]
@@ -148,10 +161,45 @@ class BatchPlan:
         return list(range(start, start + self.micro_batch_size))
 
 
+def _stack(samples: list[dict]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([torch.as_tensor(numpy.asarray(s[key])) for s in samples])
+            for key in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
 def microbatches(dataset: GPTDataset, plan: BatchPlan,
                  consumed_samples: int) -> Iterator[dict[str, torch.Tensor]]:
     """One global batch's micro-batches for this rank, as tensors."""
     for i in range(plan.num_microbatches):
-        samples = [dataset[j] for j in plan.sample_indices(consumed_samples, i)]
-        yield {key: torch.stack([torch.as_tensor(numpy.asarray(s[key])) for s in samples])
-               for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        yield _stack([dataset[j] for j in plan.sample_indices(consumed_samples, i)])
+
+
+def sample_digest(position: int, tokens: Any) -> int:
+    """CRC-32 of a sample's place in the data order and its tokens (< 2**32): summed over a
+    global batch (exact in float64 up to 2**21 samples), equal sums mean the same samples in
+    the same places, short of a collision."""
+    return zlib.crc32(numpy.asarray(tokens, dtype=numpy.int64).tobytes(),
+                      zlib.crc32(numpy.int64(position).tobytes()))
+
+
+class GlobalBatch:
+    """This rank's micro-batches of the global batch after ``consumed_samples`` samples, and
+    the digest of the samples it yielded. Only the rank that reads for its data-parallel
+    replica (``counts``: first stage, TP and CP rank 0) counts them, so the digests summed over
+    all ranks are the whole global batch's (``sample_digest``)."""
+
+    def __init__(self, dataset: GPTDataset, plan: BatchPlan, consumed_samples: int, *,
+                 counts: bool) -> None:
+        self._dataset, self._plan, self._consumed = dataset, plan, consumed_samples
+        self._counts, self._digest = counts, 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(self._plan.num_microbatches):
+            indices = self._plan.sample_indices(self._consumed, i)
+            samples = [self._dataset[j] for j in indices]
+            if self._counts:
+                self._digest += sum(sample_digest(j, s["tokens"]) for j, s in zip(indices, samples))
+            yield _stack(samples)
+
+    def digest(self) -> int:
+        """This rank's share of the global batch's digest, once the schedule read the batch."""
+        return self._digest

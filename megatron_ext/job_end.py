@@ -78,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg, exit_code = load(args.config), args.code
     if args.node_failure:
         return _node_failure(cfg, rank_exit.read_from(args.srun_log or "", args.offset))
+    # srun's status can be that of the peers it stopped (143) after one died (SIGKILL, a crash):
+    # the first task srun saw end says whether the attempt's end was planned
+    first = rank_exit.died(Path(cfg.run_dir), args.srun_log, args.offset) if args.srun_log \
+        else None
+    exit_code = first.code if first else exit_code
     if exit_code in PLANNED_EXITS and args.failures <= 1:  # the script gave up: always said
         return 0
     claims = alerts.claims_dir(cfg)
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"job attempt failed: {story}", file=sys.stderr, flush=True)
         if args.failures > 1:  # kept failing; with max_restarts=0 the first failure's own
             # alert (or explain's) is the only one
-            message = gave_up(args.failures, cfg.cluster.max_restarts, exit_code)
+            message = gave_up(args.failures, cfg.cluster.max_restarts, args.code)
         elif needs_alert(exit_code, claimed):
             message = f"{explain(exit_code)}: {story}"
         else:

@@ -65,6 +65,13 @@ def reports_loss() -> bool:
     return is_last_stage() and ps.get_tensor_model_parallel_rank() == 0
 
 
+def reads_for_replica() -> bool:
+    """The first stage's TP and CP rank 0: one rank per data-parallel replica that reads every
+    sample of the replica's share of each micro-batch whole (the others read it too, or not)."""
+    return (is_first_stage() and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_context_parallel_rank() == 0)
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         ps.destroy_model_parallel()

@@ -60,7 +60,7 @@ class StepReporter:
              val: Optional[dict[str, float]] = None) -> None:
         """``val``: the validation values (``val/...``) when this step ended with a pass."""
         values = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                  "update_applied": int(result.applied),
+                  "update_applied": int(result.applied), "data_digest": result.data_digest,
                   **self._throughput.values(result.tokens, step_s, consumed_samples),
                   **peak_memory(self._use_gpu), "checkpoint_blocking_s": checkpoint_blocking_s}
         if straggler is not None:

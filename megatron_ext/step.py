@@ -42,6 +42,8 @@ class StepResult:
     forward_s: float = 0.0
     """Seconds this rank spent in its own forward passes (fetching the batch included), free of
     the waits for other ranks that even out whole-step times; what straggler detection compares."""
+    data_digest: int = 0
+    """The global batch's ``data.sample_digest`` sum: which samples the step read, in which places."""
 
 
 def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -110,22 +112,27 @@ def _nonfinite_grads(model: list[torch.nn.Module], device: torch.device) -> torc
 
 
 def _global_outcome(losses: list[dict[str, torch.Tensor]], nonfinite_grads: torch.Tensor,
-                    device: torch.device) -> tuple[float, int, bool]:
-    """Every rank learns the global batch's loss, its tokens and whether every gradient is
-    finite (one all-reduce), so every rank acts the same way on a NaN."""
-    total = torch.zeros(3, device=device)
+                    data_digest: int, device: torch.device) -> tuple[float, int, bool, int]:
+    """Every rank learns the global batch's loss, its tokens, whether every gradient is finite
+    (so every rank acts the same way on a NaN) and its data digest, in one all-reduce. float64:
+    the token count and the digest stay exact integers (float32 is exact only to 2**24)."""
+    total = torch.zeros(4, dtype=torch.float64, device=device)
     if parallel.reports_loss():
         for item in losses:
             total[:2] += item["lm loss"].to(device)
     total[2] = nonfinite_grads
+    total[3] = data_digest
     dist.all_reduce(total)
     tokens = int(total[1].item())
-    return (total[0] / max(tokens, 1)).item(), tokens, total[2].item() == 0
+    return ((total[0] / max(tokens, 1)).item(), tokens, total[2].item() == 0,
+            int(total[3].item()))
 
 
 def train_step(model: list[torch.nn.Module], optimizer: MegatronOptimizer,
                scheduler: OptimizerParamScheduler, batches: Iterator[dict[str, torch.Tensor]],
-               *, num_microbatches: int, seq_length: int, micro_batch_size: int) -> StepResult:
+               *, num_microbatches: int, seq_length: int, micro_batch_size: int,
+               data_digest: Callable[[], int] = lambda: 0) -> StepResult:
+    """``data_digest``: this rank's share of the batch's digest, asked once it was read."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -135,7 +142,8 @@ def train_step(model: list[torch.nn.Module], optimizer: MegatronOptimizer,
         forward_step_func=clock.timed(forward_step),
         data_iterator=[batches] * len(model), model=model, num_microbatches=num_microbatches,
         seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
-    loss, tokens, grads_finite = _global_outcome(losses, _nonfinite_grads(model, device), device)
+    loss, tokens, grads_finite, digest = _global_outcome(
+        losses, _nonfinite_grads(model, device), data_digest(), device)
     applied, grad_norm = False, math.nan
     if math.isfinite(loss) and grads_finite:  # every rank decides the same way
         applied, norm, _ = optimizer.step()
@@ -144,4 +152,4 @@ def train_step(model: list[torch.nn.Module], optimizer: MegatronOptimizer,
         scheduler.step(increment=1)
     return StepResult(loss=loss, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"],
                       tokens=tokens, applied=applied, grads_finite=grads_finite,
-                      forward_s=clock.seconds())
+                      forward_s=clock.seconds(), data_digest=digest)

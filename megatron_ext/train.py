@@ -27,7 +27,7 @@ from megatron_ext.alerts import Alerts
 from megatron_ext.checkpoint import Checkpointer
 from megatron_ext.cpu import cpu_mode
 from megatron_ext.deadline import TimeBudget
-from megatron_ext.data import BatchPlan, build_train_dataset, microbatches
+from megatron_ext.data import BatchPlan, GlobalBatch, build_train_dataset, samples_to_read
 from megatron_ext.env import RunEnv
 from megatron_ext.exits import caused_by_a_peer, refuse_restart, transient
 from megatron_ext.init_from import has_checkpoint, load_pretrained, vocab_rows
@@ -142,10 +142,10 @@ def _check_loss(result: StepResult, step: int, streak: int, cfg: RunConfig, env:
 
 def train_batch(run: Training, t: TrainConfig, consumed: int) -> StepResult:
     """One optimizer step on the global batch that starts after ``consumed`` samples."""
-    return train_step(run.model, run.optimizer, run.scheduler,
-                      microbatches(run.dataset, run.plan, consumed),
+    batch = GlobalBatch(run.dataset, run.plan, consumed, counts=parallel.reads_for_replica())
+    return train_step(run.model, run.optimizer, run.scheduler, iter(batch),
                       num_microbatches=run.plan.num_microbatches, seq_length=t.seq_length,
-                      micro_batch_size=t.micro_batch_size)
+                      micro_batch_size=t.micro_batch_size, data_digest=batch.digest)
 
 
 @dataclass
@@ -255,6 +255,11 @@ def train(cfg: RunConfig, env: RunEnv, layout: Layout, use_gpu: bool, alerts: Al
         if use_gpu:
             nccl_net.confirm(cfg, env.rank)  # the transport NCCL chose; not EFA: stop
         resume = run.ckpt.load_latest()
+        to_read = samples_to_read(resume.consumed_samples, resume.step, t.steps,
+                                  t.global_batch_size)
+        if to_read > len(run.dataset):  # saved at a larger train.global_batch_size
+            run.dataset = build_train_dataset(cfg, str(Path(cfg.run_dir) / "data_cache"),
+                                              to_read)
     start_step, consumed = resume.step, resume.consumed_samples
     loop = Loop.start(cfg, env, layout, use_gpu, alerts, run, start_step, watchdog)
     log.info("training %s with %s on %d ranks (%s) from step %d", cfg.model.name,

@@ -28,16 +28,21 @@ def test_tp_pp_and_dp_layouts_give_the_same_loss_curve(workdir: Path) -> None:
     """Same seed, same data, same model: only the split differs, so the math must agree."""
     layouts = {"dp": ["parallel=dp"], "tp2": ["parallel=tp2"], "pp2": ["parallel=pp2"],
                "vpp2": ["parallel=pp2", "parallel.vpp=2"]}
-    curves = {}
+    curves, digests = {}, {}
     for name, overrides in layouts.items():
         result = run_launch(f"name=same-{name}", *overrides, "train.steps=6",
                             "train.warmup_steps=1", cwd=workdir)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        curves[name] = [row["loss"] for row in read_metrics(workdir, f"same-{name}")]
+        rows = read_metrics(workdir, f"same-{name}")
+        curves[name] = [row["loss"] for row in rows]
+        digests[name] = [row["data_digest"] for row in rows]
     assert len(curves["dp"]) == 6
     assert curves["dp"][-1] < curves["dp"][0]  # it trains, so agreement is not trivial
+    assert len(set(digests["dp"])) == 6
     for name in ("tp2", "pp2", "vpp2"):
         assert curves[name] == pytest.approx(curves["dp"], rel=1e-4), name
+        # each global batch's samples counted once, by one rank per replica, whatever the split
+        assert digests[name] == digests["dp"], name
 
 
 def test_a_failing_rank_fails_the_launch(workdir: Path) -> None:

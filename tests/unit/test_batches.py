@@ -1,10 +1,11 @@
 """The global batch is the same samples whatever the layout: the basis of exact comparisons."""
 from __future__ import annotations
 
+import numpy
 import pytest
 
 from launch.schema import ModelConfig
-from megatron_ext.data import BatchPlan
+from megatron_ext.data import BatchPlan, sample_digest
 from launch.planning.flops import padded_vocab_size
 
 
@@ -37,3 +38,11 @@ def test_resume_continues_where_the_run_stopped() -> None:
                                                (128256, 8, 129024), (128256, 1, 128256)])
 def test_vocab_padding_follows_megatron(vocab: int, tp: int, expected: int) -> None:
     assert padded_vocab_size(ModelConfig(vocab_size=vocab), tp) == expected
+
+
+def test_a_sample_digest_tells_its_place_and_its_tokens_apart_not_their_dtype() -> None:
+    tokens = numpy.arange(16)
+    digest = sample_digest(5, tokens)
+    assert digest != sample_digest(6, tokens)  # a sample read one place late
+    assert digest != sample_digest(5, tokens[::-1])  # another sample in its place
+    assert digest == sample_digest(5, tokens.astype(numpy.uint16))  # megatron stores uint16/int32

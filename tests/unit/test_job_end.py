@@ -89,3 +89,29 @@ def test_a_failed_node_health_check_is_the_alert_with_the_nodes_and_what_was_don
         assert "excluding n2" in receiver.posts[0]
     finally:
         receiver.close()
+
+
+def test_an_attempt_srun_ended_143_after_a_rank_was_killed_is_alerted(tmp_path, monkeypatch):
+    """srun exits 143 when it SIGTERMed the peers of a rank that was SIGKILLed: the first task
+    srun saw end (its stderr) says the attempt's end was not planned; ranks that all saved and
+    left with 143 were."""
+    receiver = Receiver()
+    srun_log = tmp_path / "batch.err"
+    try:
+        monkeypatch.setenv(alerts.URL_ENV, receiver.url)
+        config = write_run_dir(make_config("logging.slack.enabled=true", run_dir=str(tmp_path)))
+        srun_log.write_text("srun: error: n1: task 0: Exited with exit code 143\n"
+                            "srun: error: n2: task 1: Exited with exit code 143\n")
+        argv = [str(config), str(128 + signal.SIGTERM), "--srun-log", str(srun_log)]
+        assert job_end.main([*argv, "--from", "0"]) == 0 and not receiver.posts  # they saved
+        offset = srun_log.stat().st_size
+        with srun_log.open("a") as log:
+            log.write("srun: error: n2: task 1: Killed\n"
+                      "srun: launch/slurm: _step_signal: Terminating StepId=2.1\n"
+                      "srun: error: n1: task 0: Terminated\n")
+        assert job_end.main([*argv, "--from", str(offset)]) == 0
+        assert len(receiver.posts) == 1, receiver.posts
+        assert "a rank killed by SIGKILL" in receiver.posts[0]
+        assert "rank 1 on n2 was killed by SIGKILL" in receiver.posts[0]
+    finally:
+        receiver.close()
