@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from tools.curation import pii
+from tools.curation import dedup_index, pii
 from tools.curation.language import parse_languages
 from tools.text_filters import Options
 
@@ -29,6 +29,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--near-dup", type=float, default=0.0, metavar="JACCARD",
                    help="also drop near-duplicates (MinHash-LSH) at or above this similarity, "
                    "e.g. 0.8; 0 (default) is off")
+    p.add_argument("--paragraph-dup", type=float, default=0.0, metavar="JACCARD",
+                   help="remove paragraphs (blank-line separated, 40+ characters) repeating an "
+                   "earlier one at or above this similarity, e.g. 0.8: boilerplate; 0 is off")
+    p.add_argument("--dedup-against", nargs="+", default=[], metavar="PREFIX",
+                   help="exclude the documents of earlier corpora (their --output-prefix or "
+                   "<prefix>.dedup.npz); implies --dedup, and near-dup if both used --near-dup")
     p.add_argument("--nfkc", action="store_true", help="Unicode NFKC normalisation")
     p.add_argument("--redact-pii", action="store_true",
                    help="look for PII and apply --pii (default: mask e-mails and phones)")
@@ -55,6 +61,12 @@ def check(options: Options) -> None:
     if not 0 <= options.near_dup < 1:
         raise ValueError(f"--near-dup {options.near_dup}: expected a Jaccard similarity in "
                          "(0, 1), e.g. 0.8, or 0 for off")
+    if not 0 <= options.paragraph_dup < 1:
+        raise ValueError(f"--paragraph-dup {options.paragraph_dup}: expected a Jaccard "
+                         "similarity in (0, 1), e.g. 0.8, or 0 for off")
+    for spec in options.dedup_against:
+        dedup_index.path_of(spec)
+    options.dedup = options.dedup or bool(options.dedup_against)
     pii.Policy.parse(options.pii, options.pii_locale)
     if options.languages:
         options.languages = ",".join(parse_languages(options.languages))
@@ -65,6 +77,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
     options = Options(nfkc=args.nfkc, min_chars=args.min_chars, dedup=args.dedup,
                       redact_pii=args.redact_pii, text_key=args.text_key, pii=args.pii,
                       pii_locale=args.pii_locale, quality=args.quality,
-                      languages=args.languages, langid=args.langid, near_dup=args.near_dup)
+                      languages=args.languages, langid=args.langid, near_dup=args.near_dup,
+                      paragraph_dup=args.paragraph_dup,
+                      dedup_against=tuple(map(str, args.dedup_against)))
     check(options)
     return args, options

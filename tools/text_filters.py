@@ -47,17 +47,27 @@ class Options:
     """Identify each document's language (implied by ``languages``)."""
     near_dup: float = 0.0
     """Drop near-duplicates at or above this estimated Jaccard similarity (0: off)."""
+    paragraph_dup: float = 0.0
+    """Remove paragraphs repeating an earlier one at or above this similarity (0: off); runs
+    before every other stage (tools/curation/paragraphs.py)."""
+    dedup_against: tuple[str, ...] = ()
+    """``<prefix>.dedup.npz`` files of earlier corpora whose documents are excluded."""
 
     @property
     def identifies_language(self) -> bool:
         return self.langid or bool(self.languages) or self.quality
 
 
+CORPUS_WIDE = ("dedup", "near_dup", "paragraph_dup", "dedup_against")
+"""Options acting over all shards: the paragraphs removed from a shard's documents enter its
+source as a digest of what was removed, the rest act at the merge."""
+
+
 def shard_options(options: Options) -> dict[str, object]:
     """The options a shard's contents depend on: dedup and the near-dup threshold act later,
     corpus-wide, on the keys and signatures a shard stores, so only whether it stores them
     counts (keys cost ~5% of tokenizing, so a run without --dedup skips them)."""
-    out = {k: v for k, v in vars(options).items() if k not in ("dedup", "near_dup")}
+    out = {k: v for k, v in vars(options).items() if k not in CORPUS_WIDE}
     out["keys"], out["signatures"] = options.dedup, options.near_dup > 0
     return out
 
