@@ -125,7 +125,8 @@ def _select_and_merge(files: list[Path], summaries: list[dict[str, Any]], prefix
     chosen = select(docs, options.dedup, options.near_dup, earlier)
     merge(shards, chosen.keep, prefix, dtype)
     if options.dedup or options.near_dup > 0:
-        dedup_index.write(prefix, docs, chosen.keep, signatures=options.near_dup > 0)
+        dedup_index.write(prefix, docs, chosen.keep, keys=options.dedup,
+                          signatures=options.near_dup > 0)
     rows = []
     for i, (path, s, d) in enumerate(zip(files, summaries, docs)):
         selected = {"duplicates": chosen.duplicates[i], "near_duplicates":

@@ -132,3 +132,22 @@ def test_a_later_corpus_excludes_an_earlier_one_s_documents(tokenizer: Path, tmp
     err = capsys.readouterr().err
     assert "--dedup-against" in err and len(err.splitlines()) == 1
     assert not Path(f"{tmp_path / 'x'}.shards").exists()  # refused before anything was read
+
+
+def test_an_index_without_keys_still_excludes_near_copies(tmp_path: Path) -> None:
+    """A corpus prepared with --near-dup alone has no exact keys (its shards store zeros):
+    its index holds signatures only, and a later run matches against those."""
+    from tools.curation import dedup_index, minhash
+    from tools.curation.selection import select
+
+    sigs = numpy.stack([minhash.signature(t) for t in BODIES[:2]])
+    earlier = [{"key": numpy.zeros((2, 16), numpy.uint8), "line": numpy.array([1, 2]),
+                "signature": sigs}]
+    index = dedup_index.load(dedup_index.write(tmp_path / "pt", earlier, [numpy.ones(2, bool)],
+                                               keys=False, signatures=True))
+    assert set(index) == {"signature"}
+    ours = {"key": numpy.stack([numpy.frombuffer(bytes([i]) * 16, numpy.uint8) for i in (1, 2)]),
+            "line": numpy.array([1, 2]),
+            "signature": numpy.stack([minhash.signature(BODIES[1]), minhash.signature(BODIES[4])])}
+    chosen = select([ours], dedup=True, near_dup=0.8, earlier=[index])
+    assert chosen.keep[0].tolist() == [False, True] and chosen.earlier == [1]

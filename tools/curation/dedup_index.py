@@ -3,7 +3,7 @@
 Written beside every output prepared with ``--dedup`` or ``--near-dup``: one row per document
 in the output, in its order (row i is document i of ``<prefix>.bin``):
 - ``key``: (n, 16) uint8, the exact-dedup key (blake2b-128 of the NFKC, case-folded,
-  whitespace-collapsed text; tools/text_filters.py ``dedup_key``);
+  whitespace-collapsed text; tools/text_filters.py ``dedup_key``), only with ``--dedup``;
 - ``signature``: (n, 64) uint32, the MinHash signature (tools/curation/minhash.py), only when
   the corpus was prepared with ``--near-dup``;
 - ``meta``: JSON naming both schemes, so signatures made another way are refused, not compared.
@@ -37,11 +37,13 @@ def path_of(spec: str) -> Path:
 
 
 def write(prefix: Path, docs: list[dict[str, numpy.ndarray]], keep: list[numpy.ndarray],
-          signatures: bool) -> Path:
-    """The kept documents' keys (and signatures) in output order, replaced atomically."""
-    arrays = {"key": numpy.concatenate([d["key"][k] for d, k in zip(docs, keep)]
-                                       or [numpy.zeros((0, 16), numpy.uint8)]),
-              "meta": numpy.array(json.dumps(META))}
+          keys: bool, signatures: bool) -> Path:
+    """The kept documents' keys and/or signatures in output order, replaced atomically (keys
+    exist only with --dedup: without it a shard stores zeros)."""
+    arrays = {"meta": numpy.array(json.dumps(META))}
+    if keys:
+        arrays["key"] = numpy.concatenate([d["key"][k] for d, k in zip(docs, keep)]
+                                          or [numpy.zeros((0, 16), numpy.uint8)])
     if signatures:
         arrays["signature"] = numpy.concatenate(
             [d["signature"][k] for d, k in zip(docs, keep) if "signature" in d]

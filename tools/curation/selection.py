@@ -39,7 +39,7 @@ def _seed(earlier: list[dict[str, numpy.ndarray]], seen: dict[bytes, tuple],
           near: NearDuplicates | None, where: list[tuple]) -> None:
     """The earlier corpora's documents, as canonical copies met before any of ours."""
     for e, index in enumerate(earlier):
-        for i, key in enumerate(index["key"]):
+        for i, key in enumerate(index.get("key", [])):
             seen.setdefault(key.tobytes(), ("earlier", e, i))
         for i, hashvalues in enumerate(index.get("signature", []) if near else []):
             near.add(len(where), hashvalues)
