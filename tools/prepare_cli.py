@@ -49,6 +49,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--langid", action="store_true",
                    help="identify each document's language; tokens per language in the report")
     p.add_argument("--quality", action="store_true", help="heuristic quality filters")
+    p.add_argument("--perplexity-reference", type=Path, default=None, metavar="TEXT",
+                   help="a trusted in-domain text (plain, .jsonl or .parquet) whose character "
+                   "5-gram model scores each document; needs --max-perplexity")
+    p.add_argument("--max-perplexity", type=float, default=0.0,
+                   help="drop documents above this per-character perplexity (e.g. 30)")
     p.add_argument("--keep-shards", action="store_true",
                    help="keep the per-file shards after the merge")
     return p
@@ -64,6 +69,14 @@ def check(options: Options) -> None:
     if not 0 <= options.paragraph_dup < 1:
         raise ValueError(f"--paragraph-dup {options.paragraph_dup}: expected a Jaccard "
                          "similarity in (0, 1), e.g. 0.8, or 0 for off")
+    if bool(options.perplexity_reference) != (options.max_perplexity > 0):
+        raise ValueError("--perplexity-reference and --max-perplexity go together: a reference "
+                         "text file and a perplexity above 1, e.g. 30")
+    if options.perplexity_reference and not Path(options.perplexity_reference).is_file():
+        raise ValueError(f"--perplexity-reference {options.perplexity_reference}: no such file")
+    if options.perplexity_reference and options.max_perplexity <= 1:
+        raise ValueError(f"--max-perplexity {options.max_perplexity}: expected more than 1 "
+                         "(a perplexity per character), e.g. 30")
     for spec in options.dedup_against:
         dedup_index.path_of(spec)
     options.dedup = options.dedup or bool(options.dedup_against)
@@ -78,7 +91,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
                       redact_pii=args.redact_pii, text_key=args.text_key, pii=args.pii,
                       pii_locale=args.pii_locale, quality=args.quality,
                       languages=args.languages, langid=args.langid, near_dup=args.near_dup,
-                      paragraph_dup=args.paragraph_dup,
+                      paragraph_dup=args.paragraph_dup, max_perplexity=args.max_perplexity,
+                      perplexity_reference=str(args.perplexity_reference or ""),
                       dedup_against=tuple(map(str, args.dedup_against)))
     check(options)
     return args, options

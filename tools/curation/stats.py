@@ -57,6 +57,7 @@ def stages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
              ("length", dropped["too short"]),
              ("language", dropped["language"]),
              ("quality", sum(n for k, n in dropped.items() if k.startswith("quality"))),
+             ("perplexity", dropped["perplexity"]),
              ("pii (dropped)", sum(n for k, n in dropped.items() if k.startswith("pii"))),
              ("earlier corpora", sum(r["earlier_duplicates"] for r in rows)),
              ("exact dedup", sum(r["duplicates"] for r in rows)),
