@@ -84,17 +84,25 @@ def _fingerprint(items: list[tuple[int, str]]) -> list[tuple[int, int, list[Any]
 
 
 # -- pipeline -----------------------------------------------------------------------------
-def _plan(files: list[Path], options: Options, run: Callable) -> paragraphs.Plan | None:
+def _plan(files: list[Path], options: Options, run: Callable,
+          shards_dir: Path) -> paragraphs.Plan | None:
     """The paragraphs to remove, planned over every file in input order before any shard is
-    written (a reused shard's file is read again for it: its removals depend on the others)."""
+    written; each file's fingerprints are kept beside its shard, so a rerun reads and hashes
+    only the files that changed (the removals themselves depend on all files before)."""
     if options.paragraph_dup <= 0:
         return None
     plan = paragraphs.Plan(options.paragraph_dup)
     for path in files:
-        good = ((r.line, r.text) for r in read_records(path, TextField(options.text_key))
-                if r.text is not None)
-        chunks = iter(lambda: list(itertools.islice(good, 64)), [])
-        plan.add_file([doc for result in run(_fingerprint, chunks) for doc in result])
+        cache = Path(f"{shard_prefix(shards_dir, path)}.paragraphs.npz")
+        source = source_id(path, {"text_key": options.text_key}, "")
+        documents = paragraphs.load(cache, source)
+        if documents is None:
+            good = ((r.line, r.text) for r in read_records(path, TextField(options.text_key))
+                    if r.text is not None)
+            chunks = iter(lambda: list(itertools.islice(good, 64)), [])
+            documents = [doc for result in run(_fingerprint, chunks) for doc in result]
+            paragraphs.save(cache, documents, source)
+        plan.add_file(documents)
     return plan
 
 
@@ -161,7 +169,7 @@ def prepare(inputs: list[Path], tokenizer: Path, prefix: Path, options: Options,
         _init_worker(str(tokenizer), options)
     run = pool.imap if pool else map
     try:
-        plan = _plan(files, options, run)
+        plan = _plan(files, options, run, shards_dir)
         with Progress() as progress:
             digest = tokenizer_digest(tokenizer)
             summaries = [_shard(path, shards_dir, functools.partial(run, _process), dtype,

@@ -13,6 +13,7 @@ import pytest
 from launch.tokenizer import load_tokenizer
 from tools.curation import paragraphs
 from tools.demo_data import train_tokenizer
+from tools import prepare_data
 from tools.prepare_data import main, prepare
 from tools.text_filters import Options
 
@@ -85,8 +86,8 @@ def test_boilerplate_paragraphs_go_but_their_first_copy(tokenizer: Path, tmp_pat
     assert "paragraphs removed: 3" in capsys.readouterr().out
 
 
-def test_a_resumed_run_removes_the_paragraphs_a_fresh_run_removes(tokenizer: Path,
-                                                                  tmp_path: Path) -> None:
+def test_a_resumed_run_removes_the_paragraphs_a_fresh_run_removes(
+        tokenizer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """b.jsonl's file is unchanged, but its notice's first copy left a.jsonl: a fresh run
     keeps it there, so its shard is stale; c.jsonl's is not."""
     data, options = tmp_path / "data", Options(paragraph_dup=0.8, dedup=True)
@@ -95,8 +96,13 @@ def test_a_resumed_run_removes_the_paragraphs_a_fresh_run_removes(tokenizer: Pat
     write_jsonl(data / "c.jsonl", [BODIES[3]])
     prepare([data], tokenizer, tmp_path / "ds", options, keep_shards=True)
     write_jsonl(data / "a.jsonl", [BODIES[1]])
+    hashed: list[int] = []
+    real = prepare_data._fingerprint
+    monkeypatch.setattr(prepare_data, "_fingerprint",
+                        lambda items: hashed.extend(n for n, _ in items) or real(items))
     resumed = prepare([data], tokenizer, tmp_path / "ds", options, keep_shards=True)
     assert [bool(r.get("skipped")) for r in resumed["files"]] == [False, False, True]
+    assert hashed == [1]  # only a.jsonl's one document: b's and c's fingerprints were kept
     shutil.copytree(data, tmp_path / "fresh")
     fresh = prepare([tmp_path / "fresh"], tokenizer, tmp_path / "ref", options)
     assert Path(tmp_path / "ds.bin").read_bytes() == Path(tmp_path / "ref.bin").read_bytes()

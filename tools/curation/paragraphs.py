@@ -11,9 +11,13 @@ and a shard's source names the paragraphs removed from its file (``digest``).
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy
 
@@ -67,6 +71,42 @@ def remove(text: str, drop: tuple[int, ...]) -> str:
     return "".join(pieces) + text[cuts[-1][1]:]
 
 
+Document = tuple[int, int, list[Fingerprint]]
+"""(line, characters, fingerprints) of one document."""
+
+
+def save(path: Path, documents: list[Document], source: dict[str, Any]) -> None:
+    """One file's fingerprints, so a rerun plans without reading and hashing it again."""
+    prints = [(d, *f) for d, (_, _, fs) in enumerate(documents) for f in fs]
+    column = lambda i: numpy.array([p[i] for p in prints], numpy.int64)  # noqa: E731
+    arrays = {"line": numpy.array([d[0] for d in documents], numpy.int64),
+              "chars": numpy.array([d[1] for d in documents], numpy.int64),
+              "owner": column(0), "index": column(1), "length": column(2),
+              "key": numpy.frombuffer(b"".join(p[3] for p in prints), numpy.uint8).reshape(-1, 16),
+              "signature": numpy.array([p[4] for p in prints], numpy.uint32).reshape(
+                  -1, minhash.NUM_PERM),
+              "source": numpy.array(json.dumps(source))}
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "wb") as f:
+        numpy.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load(path: Path, source: dict[str, Any]) -> list[Document] | None:
+    """The fingerprints ``save`` stored, or None when there are none for this ``source``."""
+    if not path.is_file():
+        return None
+    with numpy.load(path) as data:
+        if str(data["source"]) != json.dumps(source):
+            return None
+        a = {k: data[k] for k in data.files}
+    docs: list[Document] = [(int(n), int(c), []) for n, c in zip(a["line"], a["chars"])]
+    for owner, index, length, key, signature in zip(a["owner"], a["index"], a["length"],
+                                                    a["key"], a["signature"]):
+        docs[owner][2].append((int(index), int(length), key.tobytes(), signature))
+    return docs
+
+
 @dataclass
 class Plan:
     """Which paragraphs each document loses, decided in input order (first copy kept)."""
@@ -87,7 +127,7 @@ class Plan:
         self._near = minhash.NearDuplicates(self.threshold)
         self._where: list[tuple[int, int, int]] = []
 
-    def add_file(self, documents: list[tuple[int, int, list[Fingerprint]]]) -> None:
+    def add_file(self, documents: list[Document]) -> None:
         """One file's documents, (line, characters, fingerprints), in order."""
         file, drops, removed, chars = len(self.drops), {}, 0, 0
         for line, length, prints in documents:
