@@ -95,4 +95,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
                       perplexity_reference=str(args.perplexity_reference or ""),
                       dedup_against=tuple(map(str, args.dedup_against)))
     check(options)
+    own = Path(f"{args.output_prefix}{dedup_index.SUFFIX}").resolve()
+    if any(dedup_index.path_of(spec).resolve() == own for spec in options.dedup_against):
+        raise ValueError(f"--dedup-against {own}: this run's own output, which a rerun would "
+                         "drop entirely; name the earlier corpora only")
     return args, options

@@ -138,6 +138,9 @@ def test_a_later_corpus_excludes_an_earlier_one_s_documents(tokenizer: Path, tmp
     err = capsys.readouterr().err
     assert "--dedup-against" in err and len(err.splitlines()) == 1
     assert not Path(f"{tmp_path / 'x'}.shards").exists()  # refused before anything was read
+    assert main(["--input", str(tmp_path / "cpt"), "--tokenizer", str(tokenizer),
+                 "--output-prefix", str(later), "--dedup-against", str(later)]) == 1
+    assert "own output" in capsys.readouterr().err  # a rerun would drop everything
 
 
 def test_an_index_without_keys_still_excludes_near_copies(tmp_path: Path) -> None:
