@@ -6,7 +6,9 @@ changed is caught too.
 A paragraph is a run of text between blank lines. Which paragraphs go is planned before any
 shard is written, in one pass over every file in input order (``Plan``): the decision is a
 function of the corpus only, so a rerun that reuses shards removes what a fresh run removes,
-and a shard's source names the paragraphs removed from its file (``digest``).
+and a shard's source names the paragraphs removed from its file (``digest``). Each file's
+fingerprints are stored beside its shard (``save``/``load``), so planning a rerun reads and
+hashes only the files that changed.
 """
 from __future__ import annotations
 
