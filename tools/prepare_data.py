@@ -4,22 +4,27 @@
         --output-prefix data/web_text_document --workers 2 --dedup --nfkc --redact-pii
 
 Each document becomes its tokens followed by end-of-document, as Megatron's own
-preprocessor writes them. Every input file is read (malformed records counted by reason,
+preprocessor writes them. With ``--paragraph-dup``, repeated paragraphs are planned away first,
+over all files in input order. Every input file is read (malformed records counted by reason,
 never fatal), filtered per document (length, language, quality, PII) and tokenized into its
 own shard under ``<prefix>.shards/``; a shard whose source (file, tokenizer contents,
-options) is unchanged is reused on a rerun, so a killed job resumes where it stopped. Exact
-and near-duplicate dedup then run over all shards in input order, and the survivors are
-merged into ``<prefix>``: the output is the same fresh or resumed, whatever ``--workers``.
+options, paragraphs removed) is unchanged is reused on a rerun, so a killed job resumes where
+it stopped. Exact and near-duplicate dedup (against earlier corpora too) then run over all
+shards in input order, and the survivors are merged into ``<prefix>``: the output is the same
+fresh or resumed, whatever ``--workers``.
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
+import itertools
 import json
 import multiprocessing
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +32,11 @@ import numpy
 
 from launch.tokenizer import load_tokenizer
 from tools import text_filters
+from tools.curation import dedup_index, paragraphs
 from tools.curation.records import TextField, input_files, read_records
 from tools.curation.selection import merge, select
-from tools.curation.shards import (bottom, builder_class, finished, load_docs, shard_prefix,
-                                   source_id, tokenizer_digest, write_shard)
+from tools.curation.shards import (Chunk, bottom, builder_class, finished, load_docs,
+                                   shard_prefix, source_id, tokenizer_digest, write_shard)
 from tools.curation.stats import file_row, summarise
 from tools.prepare_cli import parse
 from tools.prepare_progress import Progress, format_report
@@ -58,11 +64,14 @@ def _init_worker(tokenizer_path: str, options: Options) -> None:
     _WORKER.update(tokenizer=tokenizer, eod=eod, options=options)
 
 
-def _process(chunk: tuple[bool, list[tuple[int, str]]]) -> list[tuple[int, Any, Any]]:
+def _process(chunk: Chunk) -> list[tuple[int, Any, Any]]:
     """Filter and tokenize a chunk; the texts stay here, only keys, counts and ids go back."""
     exempt, items = chunk
     out = []
-    for line, text in items:
+    for line, text, drops in items:
+        if drops and not (text := paragraphs.remove(text, drops)).strip():
+            out.append((line, text_filters.Filtered(None, drop=paragraphs.DROP_REASON), None))
+            continue
         doc = text_filters.apply(text, _WORKER["options"], exempt_pii=exempt)
         ids = None if doc.text is None else encode_document(_WORKER["tokenizer"], doc.text,
                                                               _WORKER["eod"])
@@ -70,39 +79,76 @@ def _process(chunk: tuple[bool, list[tuple[int, str]]]) -> list[tuple[int, Any, 
     return out
 
 
+def _fingerprint(items: list[tuple[int, str]]) -> list[tuple[int, int, list[Any]]]:
+    return [(line, len(text), paragraphs.fingerprints(text)) for line, text in items]
+
+
 # -- pipeline -----------------------------------------------------------------------------
+def _plan(files: list[Path], options: Options, run: Callable,
+          shards_dir: Path) -> paragraphs.Plan | None:
+    """The paragraphs to remove, planned over every file in input order before any shard is
+    written; each file's fingerprints are kept beside its shard, so a rerun reads and hashes
+    only the files that changed (the removals themselves depend on all files before)."""
+    if options.paragraph_dup <= 0:
+        return None
+    plan = paragraphs.Plan(options.paragraph_dup)
+    for path in files:
+        cache = Path(f"{shard_prefix(shards_dir, path)}.paragraphs.npz")
+        source = source_id(path, {"text_key": options.text_key}, "")
+        documents = paragraphs.load(cache, source)
+        if documents is None:
+            good = ((r.line, r.text) for r in read_records(path, TextField(options.text_key))
+                    if r.text is not None)
+            chunks = iter(lambda: list(itertools.islice(good, 64)), [])
+            documents = [doc for result in run(_fingerprint, chunks) for doc in result]
+            paragraphs.save(cache, documents, source)
+        plan.add_file(documents)
+    return plan
+
+
 def _shard(path: Path, shards_dir: Path, mapper: Any, dtype: type, progress: Progress,
-           options: Options, tokenizer: str, code_sources: tuple[str, ...]) -> dict[str, Any]:
-    """A finished shard of ``path``: reused when its source still matches, else written."""
+           options: Options, tokenizer: str, code_sources: tuple[str, ...],
+           removed: tuple[dict[int, tuple[int, ...]], str]) -> dict[str, Any]:
+    """A finished shard of ``path``: reused when its source still matches, else written;
+    ``removed``: the paragraphs the plan removes from its documents, and their digest."""
     shard = shard_prefix(shards_dir, path)
-    source = source_id(path, shard_options(options), tokenizer)
+    source = source_id(path, shard_options(options), tokenizer, removed[1])
     summary = finished(shard, source)
     if summary is not None:
         return {**summary, "skipped": True, "shard": str(shard)}
     exempt = any(fnmatch.fnmatch(str(path), pattern) for pattern in code_sources)
     records = read_records(path, TextField(options.text_key))
-    summary = write_shard(path, shard, records, mapper, dtype, progress, exempt)
+    summary = write_shard(path, shard, records, mapper, dtype, progress, exempt, removed[0])
     summary["source"] = source
     Path(f"{shard}.json").write_text(json.dumps(summary, indent=1))
     return {**summary, "shard": str(shard)}
 
 
 def _select_and_merge(files: list[Path], summaries: list[dict[str, Any]], prefix: Path,
-                      dtype: type, options: Options) -> dict[str, Any]:
+                      dtype: type, options: Options,
+                      plan: paragraphs.Plan | None) -> dict[str, Any]:
     shards = [Path(s["shard"]) for s in summaries]
     docs = [load_docs(shard) for shard in shards]
-    chosen = select(docs, options.dedup, options.near_dup)
+    earlier = [dedup_index.load(dedup_index.path_of(e)) for e in options.dedup_against]
+    chosen = select(docs, options.dedup, options.near_dup, earlier)
     merge(shards, chosen.keep, prefix, dtype)
-    rows = [{**file_row(path, Path(s["shard"]), s, d, keep, dup, near),
-             **({"skipped": True} if s.get("skipped") else {})}
-            for path, s, d, keep, dup, near in zip(files, summaries, docs, chosen.keep,
-                                                   chosen.duplicates, chosen.near_duplicates)]
+    if options.dedup or options.near_dup > 0:
+        dedup_index.write(prefix, docs, chosen.keep, keys=options.dedup,
+                          signatures=options.near_dup > 0)
+    rows = []
+    for i, (path, s, d) in enumerate(zip(files, summaries, docs)):
+        selected = {"duplicates": chosen.duplicates[i], "near_duplicates":
+                    chosen.near_duplicates[i], "earlier_duplicates": chosen.earlier[i],
+                    "paragraphs_removed": plan.removed[i] if plan else 0,
+                    "paragraph_chars_removed": plan.characters[i] if plan else 0}
+        rows.append({**file_row(path, s, d, chosen.keep[i], selected),
+                     **({"skipped": True} if s.get("skipped") else {})})
     audit = bottom([e for s in summaries for e in s["audit"]])
     if audit:
         Path(f"{prefix}.pii_audit.jsonl").write_text(
             "".join(json.dumps({k: v for k, v in e.items() if k != "rank"}, ensure_ascii=False)
                     + "\n" for e in audit))
-    return {"files": rows, **summarise(rows, chosen)}
+    return {"files": rows, **summarise(rows, chosen, plan, list(options.dedup_against))}
 
 
 def prepare(inputs: list[Path], tokenizer: Path, prefix: Path, options: Options,
@@ -121,17 +167,20 @@ def prepare(inputs: list[Path], tokenizer: Path, prefix: Path, options: Options,
     pool = spawn.Pool(workers, _init_worker, (str(tokenizer), options)) if workers > 1 else None
     if pool is None:
         _init_worker(str(tokenizer), options)
-    mapper = (lambda chunks: pool.imap(_process, chunks)) if pool else (lambda c: map(_process, c))
+    run = pool.imap if pool else map
     try:
+        plan = _plan(files, options, run, shards_dir)
         with Progress() as progress:
             digest = tokenizer_digest(tokenizer)
-            summaries = [_shard(path, shards_dir, mapper, dtype, progress, options, digest,
-                                code_sources) for path in files]
+            summaries = [_shard(path, shards_dir, functools.partial(run, _process), dtype,
+                                progress, options, digest, code_sources,
+                                (plan.drops[i], plan.digest(i)) if plan else ({}, ""))
+                         for i, path in enumerate(files)]
     finally:
         if pool:
             pool.close()
             pool.join()
-    report = _select_and_merge(files, summaries, prefix, dtype, options)
+    report = _select_and_merge(files, summaries, prefix, dtype, options, plan)
     if not keep_shards:
         shutil.rmtree(shards_dir)
     report.update(seconds=time.monotonic() - started, vocab_size=vocab_size,

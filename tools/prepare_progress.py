@@ -76,11 +76,21 @@ def _curation(report: dict[str, Any]) -> list[str]:
     for reason, n in report["dropped"].items():
         lines.append(f"dropped {n:,}: {reason}")
     clusters = report["clusters"]
-    if clusters["exact"] or clusters["near"]:
+    if clusters["exact"] or clusters["near"] or clusters["earlier"]:
         lines.append(f"duplicate clusters: {clusters['exact']:,} exact, {clusters['near']:,} "
-                     "near; largest (canonical copy kept):")
+                     f"near, {clusters['earlier']:,} of earlier corpora "
+                     f"({', '.join(report['dedup_against']) or 'none named'}); "
+                     "largest (canonical copy kept):")
         lines += [f"  {c['canonical']} ({c['kind']}): {c['copies_dropped']:,} copies dropped"
                   for c in clusters["largest"][:5]]
+    paragraphs = report["paragraphs"]
+    if paragraphs:
+        lines.append(f"paragraphs removed: {paragraphs['removed']:,} "
+                     f"({paragraphs['characters_removed']:,} characters, "
+                     f"{paragraphs['characters_removed_pct']:.2f}% of those read) in "
+                     f"{paragraphs['clusters']:,} clusters; largest (first copy kept):")
+        lines += [f"  {c['canonical']}: {c['copies_removed']:,} copies removed"
+                  for c in paragraphs["largest"][:5]]
     for reason, n in report["malformed"].items():
         lines.append(f"malformed {n:,}: {reason}")
     lines += [f"  {e}" for r in report["files"] for e in r["malformed_examples"]]

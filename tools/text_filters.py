@@ -11,10 +11,11 @@ import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy
 
-from tools.curation import language, minhash, pii, quality
+from tools.curation import language, minhash, perplexity, pii, quality
 
 _SPACES = re.compile(r"\s+")
 AUDIT_CONTEXT = 40
@@ -47,17 +48,34 @@ class Options:
     """Identify each document's language (implied by ``languages``)."""
     near_dup: float = 0.0
     """Drop near-duplicates at or above this estimated Jaccard similarity (0: off)."""
+    perplexity_reference: str = ""
+    """A reference text whose character model scores each document ("": off); the model is
+    trained in each worker (tools/curation/perplexity.py)."""
+    max_perplexity: float = 0.0
+    """Drop documents whose per-character perplexity under that model is above this."""
+    paragraph_dup: float = 0.0
+    """Remove paragraphs repeating an earlier one at or above this similarity (0: off); runs
+    before every other stage (tools/curation/paragraphs.py)."""
+    dedup_against: tuple[str, ...] = ()
+    """``<prefix>.dedup.npz`` files of earlier corpora whose documents are excluded."""
 
     @property
     def identifies_language(self) -> bool:
         return self.langid or bool(self.languages) or self.quality
 
 
+CORPUS_WIDE = ("dedup", "near_dup", "paragraph_dup", "dedup_against")
+"""Options acting over all shards: the paragraphs removed from a shard's documents enter its
+source as a digest of what was removed, the rest act at the merge."""
+
+
 def shard_options(options: Options) -> dict[str, object]:
     """The options a shard's contents depend on: dedup and the near-dup threshold act later,
     corpus-wide, on the keys and signatures a shard stores, so only whether it stores them
     counts (keys cost ~5% of tokenizing, so a run without --dedup skips them)."""
-    out = {k: v for k, v in vars(options).items() if k not in ("dedup", "near_dup")}
+    out = {k: v for k, v in vars(options).items() if k not in CORPUS_WIDE}
+    if options.perplexity_reference:  # its contents, not its path, decide the scores
+        out["perplexity_reference"] = perplexity.digest(Path(options.perplexity_reference))
     out["keys"], out["signatures"] = options.dedup, options.near_dup > 0
     return out
 
@@ -110,8 +128,8 @@ def _pii(doc: Filtered, options: Options) -> Filtered:
 
 
 def apply(text: str, options: Options, exempt_pii: bool = False) -> Filtered:
-    """Normalise, length-check, identify the language, quality-check, key, sign and redact
-    one document. ``exempt_pii``: a code source, whose ``x@self.weight`` is no e-mail."""
+    """Normalise, length-check, identify the language, quality- and perplexity-check, key, sign
+    and redact one document. ``exempt_pii``: a code source, whose ``x@self.weight`` is no e-mail."""
     if options.nfkc:
         text = unicodedata.normalize("NFKC", text)
     if len(text) < options.min_chars or not text.strip():
@@ -121,6 +139,9 @@ def apply(text: str, options: Options, exempt_pii: bool = False) -> Filtered:
         return Filtered(None, drop="language", language=lang)
     if options.quality and (rule := quality.reason(text, lang)):
         return Filtered(None, drop=f"quality: {rule}", language=lang)
+    if options.perplexity_reference and (perplexity.model(options.perplexity_reference)
+                                         .perplexity(text) > options.max_perplexity):
+        return Filtered(None, drop="perplexity", language=lang)
     doc = Filtered(text, dedup_key(text) if options.dedup else bytes(16), language=lang)
     if options.near_dup > 0:
         doc.signature = minhash.signature(text)

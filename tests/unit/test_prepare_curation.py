@@ -67,8 +67,9 @@ def test_stats_hold_every_stage_languages_clusters_and_pii(tokenizer: Path, tmp_
                  "--languages", "de", "--quality", "--min-chars", "10", "--redact-pii"]) == 0
     stats = json.loads(Path(f"{prefix}.stats.json").read_text())
     assert [(s["stage"], s["out"]) for s in stats["stages"]] == [
-        ("read", 7), ("well-formed", 7), ("length", 6), ("language", 5), ("quality", 4),
-        ("pii (dropped)", 4), ("exact dedup", 3), ("near dedup", 2)]
+        ("read", 7), ("well-formed", 7), ("paragraph dedup", 7), ("length", 6), ("language", 5),
+        ("quality", 4), ("perplexity", 4), ("pii (dropped)", 4), ("earlier corpora", 4), ("exact dedup", 3),
+        ("near dedup", 2)]
     assert stats["stages"][-1]["retention_pct"] == 66.67  # 2 of 3, in %, 2 decimals
     assert stats["dropped"] == {"too short": 1, "language": 1, "quality: repeated lines": 1}
     assert list(stats["languages"]) == ["de"] and stats["languages"]["de"]["documents"] == 2

@@ -60,12 +60,21 @@ class NearDuplicates:
     def canonical(self, doc: int, hashvalues: numpy.ndarray) -> int | None:
         """The earliest kept document ``doc`` nearly duplicates (estimated Jaccard at or above
         the threshold), or None, in which case ``doc`` is kept and indexed."""
-        from datasketch import LeanMinHash
-
-        m = LeanMinHash(seed=SEED, hashvalues=hashvalues, scheme=SCHEME)
+        m = self._lean(hashvalues)
         for other in sorted(self._lsh.query(m)):
             if numpy.mean(self._kept[other] == hashvalues) >= self.threshold:
                 return other
         self._lsh.insert(doc, m)
         self._kept[doc] = hashvalues
         return None
+
+    def add(self, doc: int, hashvalues: numpy.ndarray) -> None:
+        """Index ``doc`` without a query: a document of an earlier corpus."""
+        self._lsh.insert(doc, self._lean(hashvalues))
+        self._kept[doc] = hashvalues
+
+    @staticmethod
+    def _lean(hashvalues: numpy.ndarray):  # noqa: ANN205 - datasketch's LeanMinHash
+        from datasketch import LeanMinHash
+
+        return LeanMinHash(seed=SEED, hashvalues=hashvalues, scheme=SCHEME)

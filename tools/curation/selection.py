@@ -28,38 +28,54 @@ class Selection:
     """Per shard, which of its documents go to the output."""
     duplicates: list[int]
     near_duplicates: list[int]
+    earlier: list[int] = field(default_factory=list)
+    """Per shard, documents dropped as (near) copies of an earlier corpus's."""
     clusters: Counter = field(default_factory=Counter)
-    """(kind, shard, line of the canonical copy) -> copies dropped in its favour."""
+    """(kind, shard, line) of the canonical copy -> copies dropped in its favour; for kind
+    "earlier": (kind, index of the earlier corpus, its document number)."""
 
 
-def select(docs: list[dict[str, numpy.ndarray]], dedup: bool, near_dup: float) -> Selection:
-    """Exact dedup on the 16-byte keys, then MinHash-LSH over what is left, in input order."""
-    seen: dict[bytes, tuple[int, int]] = {}
+def _seed(earlier: list[dict[str, numpy.ndarray]], seen: dict[bytes, tuple],
+          near: NearDuplicates | None, where: list[tuple]) -> None:
+    """The earlier corpora's documents, as canonical copies met before any of ours."""
+    for e, index in enumerate(earlier):
+        for i, key in enumerate(index.get("key", [])):
+            seen.setdefault(key.tobytes(), ("earlier", e, i))
+        for i, hashvalues in enumerate(index.get("signature", []) if near else []):
+            near.add(len(where), hashvalues)
+            where.append(("earlier", e, i))
+
+
+def select(docs: list[dict[str, numpy.ndarray]], dedup: bool, near_dup: float,
+           earlier: list[dict[str, numpy.ndarray]] = ()) -> Selection:
+    """Exact dedup on the 16-byte keys, then MinHash-LSH over what is left, in input order;
+    ``earlier``: dedup indexes (tools/curation/dedup_index.py) whose documents come first."""
+    seen: dict[bytes, tuple] = {}
     near = NearDuplicates(near_dup) if near_dup > 0 else None
-    where: list[tuple[int, int]] = []  # near-dup index -> (shard, line)
+    where: list[tuple] = []  # near-dup index -> (kind, shard, line)
+    _seed(list(earlier), seen, near, where)
     out = Selection([], [], [])
     for s, d in enumerate(docs):
         keep = numpy.ones(len(d["line"]), dtype=bool)
-        dups = nears = 0
+        dropped: Counter = Counter()
         for i in range(len(keep)) if (dedup or near) else ():
-            line = int(d["line"][i])
+            line, first = int(d["line"][i]), None
             if dedup:
-                key = d["key"][i].tobytes()
-                first = seen.setdefault(key, (s, line))
-                if first != (s, line):
-                    keep[i], dups = False, dups + 1
-                    out.clusters[("exact", *first)] += 1
-                    continue
-            if near is not None and "signature" in d:
+                first = seen.setdefault(d["key"][i].tobytes(), ("exact", s, line))
+                first = None if first == ("exact", s, line) else first
+            if first is None and near is not None and "signature" in d:
                 other = near.canonical(len(where), d["signature"][i])
                 if other is None:
-                    where.append((s, line))
-                else:
-                    keep[i], nears = False, nears + 1
-                    out.clusters[("near", *where[other])] += 1
+                    where.append(("near", s, line))
+                first = None if other is None else where[other]
+            if first is not None:
+                keep[i] = False
+                dropped[first[0]] += 1
+                out.clusters[first] += 1
         out.keep.append(keep)
-        out.duplicates.append(dups)
-        out.near_duplicates.append(nears)
+        out.duplicates.append(dropped["exact"])
+        out.near_duplicates.append(dropped["near"])
+        out.earlier.append(dropped["earlier"])
     return out
 
 

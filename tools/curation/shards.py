@@ -31,7 +31,10 @@ AUDIT_SAMPLE = 200
 """PII hits kept for review: those with the smallest hash, so the sample is uniform and the
 same whichever shards a rerun reused."""
 
-Mapper = Callable[[Iterator[tuple[bool, list[tuple[int, str]]]]], Iterable[list[Any]]]
+Chunk = tuple[bool, list[tuple[int, str, tuple[int, ...]]]]
+"""For a worker: whether the file is exempt from PII masking, and (line, text, paragraphs to
+remove) per document."""
+Mapper = Callable[[Iterator[Chunk]], Iterable[list[Any]]]
 
 
 @functools.cache
@@ -60,12 +63,14 @@ def tokenizer_digest(tokenizer: Path) -> str:
     return digest.hexdigest()
 
 
-def source_id(path: Path, options: dict[str, Any], tokenizer: str) -> dict[str, Any]:
-    """What a shard was made from (``tokenizer``: its digest); a shard is reused only when all
-    of it still matches."""
+def source_id(path: Path, options: dict[str, Any], tokenizer: str,
+              paragraphs: str = "") -> dict[str, Any]:
+    """What a shard was made from (``tokenizer``: its digest; ``paragraphs``: the digest of
+    the paragraphs removed from its documents, which depend on the files before it); a shard
+    is reused only when all of it still matches."""
     stat = path.stat()
     source = {"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-              "tokenizer": tokenizer, "options": options}
+              "tokenizer": tokenizer, "options": options, "paragraphs": paragraphs}
     return json.loads(json.dumps(source))  # tuples -> lists, as the summary reads back
 
 
@@ -78,9 +83,9 @@ def finished(shard: Path, source: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _chunks(records: Iterable[Record], stats: dict[str, Any], path: Path, exempt: bool,
-            size: int) -> Iterator[tuple[bool, list[tuple[int, str]]]]:
+            drops: dict[int, tuple[int, ...]], size: int) -> Iterator[Chunk]:
     """Good records in chunks for the workers; malformed ones counted and named here."""
-    chunk: list[tuple[int, str]] = []
+    chunk: list[tuple[int, str, tuple[int, ...]]] = []
     for record in records:
         stats["documents"] += 1
         if record.text is None:
@@ -90,7 +95,7 @@ def _chunks(records: Iterable[Record], stats: dict[str, Any], path: Path, exempt
                 stats["malformed_examples"].append(f"{path}:{record.line}: {record.problem}"
                                                    f"{detail}")
             continue
-        chunk.append((record.line, record.text))
+        chunk.append((record.line, record.text, drops.get(record.line, ())))
         if len(chunk) == size:
             yield exempt, chunk
             chunk = []
@@ -108,8 +113,11 @@ def bottom(entries: list[dict[str, Any]], k: int = AUDIT_SAMPLE) -> list[dict[st
 
 
 def write_shard(path: Path, shard: Path, records: Iterable[Record], mapper: Mapper,
-                dtype: type, progress: Any, exempt_pii: bool, chunk: int = 64) -> dict[str, Any]:
-    """Run the per-document stages over one file's records into ``shard``; its summary."""
+                dtype: type, progress: Any, exempt_pii: bool,
+                drops: dict[int, tuple[int, ...]] | None = None,
+                chunk: int = 64) -> dict[str, Any]:
+    """Run the per-document stages over one file's records into ``shard``; its summary.
+    ``drops``: line -> paragraphs to remove first (tools/curation/paragraphs.py)."""
     tmp = Path(f"{shard}.tmp")
     builder = builder_class()(f"{tmp}.bin", dtype=dtype)
     stats: dict[str, Any] = {"documents": 0, "malformed": Counter(), "malformed_examples": [],
@@ -118,7 +126,7 @@ def write_shard(path: Path, shard: Path, records: Iterable[Record], mapper: Mapp
                                                   "signature")}
     audit: list[dict[str, Any]] = []
     pii_classes: list[str] = []
-    for results in mapper(_chunks(records, stats, path, exempt_pii, chunk)):
+    for results in mapper(_chunks(records, stats, path, exempt_pii, drops or {}, chunk)):
         tokens = 0
         for line, doc, ids in results:
             audit += [_audit_entry(path, line, kind, ctx) for kind, ctx in doc.audit]

@@ -10,19 +10,22 @@ from typing import Any
 
 import numpy
 
+from tools.curation import paragraphs
+from tools.curation.paragraphs import Plan
 from tools.curation.selection import TOP_CLUSTERS, Selection
 
 TOTAL_KEYS = ("documents", "kept", "duplicates", "too_short", "tokens")
 
 
-def file_row(path: Path, shard: Path, summary: dict[str, Any], docs: dict[str, numpy.ndarray],
-             keep: numpy.ndarray, duplicates: int, near: int) -> dict[str, Any]:
-    """One input file's counts, over the documents the corpus-wide selection kept."""
+def file_row(path: Path, summary: dict[str, Any], docs: dict[str, numpy.ndarray],
+             keep: numpy.ndarray, selected: dict[str, int]) -> dict[str, Any]:
+    """One input file's counts, over the documents the corpus-wide selection kept;
+    ``selected``: its documents dropped by each corpus-wide stage (and paragraphs removed)."""
     kept_tokens = docs["tokens"][keep]
-    row = {"file": str(path), "shard": str(shard), "documents": summary["documents"],
+    row = {"file": str(path), "shard": summary["shard"], "documents": summary["documents"],
            "malformed": dict(summary["malformed"]), "dropped": dict(summary["dropped"]),
-           "too_short": summary["dropped"].get("too short", 0), "duplicates": duplicates,
-           "near_duplicates": near, "kept": int(keep.sum()), "tokens": int(kept_tokens.sum()),
+           "too_short": summary["dropped"].get("too short", 0), **selected,
+           "kept": int(keep.sum()), "tokens": int(kept_tokens.sum()),
            "malformed_examples": summary["malformed_examples"]}
     pii = docs["pii"][keep]
     row["pii"] = {str(c): int(pii[:, i].sum()) for i, c in enumerate(docs["pii_classes"])}
@@ -49,10 +52,14 @@ def _sum(rows: list[dict[str, Any]], key: str) -> Counter:
 def stages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Documents into and out of each stage, in pipeline order, with the retention in %."""
     dropped, malformed = _sum(rows, "dropped"), sum(sum(r["malformed"].values()) for r in rows)
-    steps = [("read", 0), ("well-formed", malformed), ("length", dropped["too short"]),
+    steps = [("read", 0), ("well-formed", malformed),
+             ("paragraph dedup", dropped[paragraphs.DROP_REASON]),
+             ("length", dropped["too short"]),
              ("language", dropped["language"]),
              ("quality", sum(n for k, n in dropped.items() if k.startswith("quality"))),
+             ("perplexity", dropped["perplexity"]),
              ("pii (dropped)", sum(n for k, n in dropped.items() if k.startswith("pii"))),
+             ("earlier corpora", sum(r["earlier_duplicates"] for r in rows)),
              ("exact dedup", sum(r["duplicates"] for r in rows)),
              ("near dedup", sum(r["near_duplicates"] for r in rows))]
     out, docs = [], sum(r["documents"] for r in rows)
@@ -77,15 +84,32 @@ def languages(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return dict(sorted(total.items(), key=lambda kv: -kv[1]["tokens"]))
 
 
-def clusters(selection: Selection, files: list[str]) -> dict[str, Any]:
+def clusters(selection: Selection, files: list[str], earlier: list[str]) -> dict[str, Any]:
+    """Duplicate clusters by kind, the largest named by their canonical copy: file:line, or
+    for an earlier corpus its index file and document number."""
     top = selection.clusters.most_common(TOP_CLUSTERS)
-    return {"exact": sum(1 for k in selection.clusters if k[0] == "exact"),
-            "near": sum(1 for k in selection.clusters if k[0] == "near"),
-            "largest": [{"kind": kind, "canonical": f"{files[s]}:{line}", "copies_dropped": n}
+    where = lambda kind, s, line: (f"{earlier[s]}#{line}" if kind == "earlier"  # noqa: E731
+                                   else f"{files[s]}:{line}")
+    return {**{kind: sum(1 for k in selection.clusters if k[0] == kind)
+               for kind in ("exact", "near", "earlier")},
+            "largest": [{"kind": kind, "canonical": where(kind, s, line), "copies_dropped": n}
                         for (kind, s, line), n in top]}
 
 
-def summarise(rows: list[dict[str, Any]], selection: Selection) -> dict[str, Any]:
+def paragraph_summary(plan: Plan | None, files: list[str]) -> dict[str, Any]:
+    """Paragraphs removed, their characters (and share of all characters read), clusters."""
+    if plan is None:
+        return {}
+    chars = sum(plan.characters)
+    return {"removed": sum(plan.removed), "characters_removed": chars,
+            "characters_removed_pct": round(100 * chars / max(plan.read_characters, 1), 2),
+            "clusters": len(plan.clusters),
+            "largest": [{"canonical": f"{files[f]}:{line} paragraph {p + 1}", "copies_removed": n}
+                        for (f, line, p), n in plan.clusters.most_common(TOP_CLUSTERS)]}
+
+
+def summarise(rows: list[dict[str, Any]], selection: Selection, plan: Plan | None = None,
+              earlier: list[str] = ()) -> dict[str, Any]:
     """The report's corpus-wide part (beside ``files``)."""
     kept = sum(r["kept"] for r in rows) or 1
     pii, pii_docs = _sum(rows, "pii"), _sum(rows, "pii_documents")
@@ -94,4 +118,6 @@ def summarise(rows: list[dict[str, Any]], selection: Selection) -> dict[str, Any
             "pii": {c: {"hits": pii[c], "documents": pii_docs[c],
                         "document_rate_pct": round(100 * pii_docs[c] / kept, 3)} for c in pii},
             "malformed": dict(_sum(rows, "malformed")), "dropped": dict(_sum(rows, "dropped")),
-            "clusters": clusters(selection, [r["file"] for r in rows])}
+            "clusters": clusters(selection, [r["file"] for r in rows], list(earlier)),
+            "paragraphs": paragraph_summary(plan, [r["file"] for r in rows]),
+            "dedup_against": list(earlier)}
