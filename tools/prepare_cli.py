@@ -22,6 +22,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=max((os.cpu_count() or 2) - 1, 1),
                    help="tokenizing processes (default: cores - 1; the main process "
                    "reads, dedups and writes)")
+    p.add_argument("--format", choices=("text", "chat"), default="text",
+                   help="text: pre-training documents; chat: 'messages' or prompt/response "
+                   "records for fine-tuning, rendered with the tokenizer's chat template and "
+                   "written with a loss mask on the answers")
+    p.add_argument("--max-tokens", type=int, default=4097,
+                   help="--format chat: drop (and count) longer conversations; at most "
+                   "train.seq_length + 1 so one fits a training sequence")
     p.add_argument("--text-key", default="text")
     p.add_argument("--min-chars", type=int, default=0)
     p.add_argument("--dedup", action="store_true",
