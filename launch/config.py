@@ -80,9 +80,22 @@ def derive_layout(cfg: RunConfig) -> Layout:
     return layout_from(p, dp)
 
 
+def _packing_problems(cfg: RunConfig, layout: Layout) -> list[str]:
+    """Packed fine-tuning sequences need the explicit block-diagonal mask: the local layer spec
+    applies it; only the first and last pipeline stages read the batch (step.forward_step);
+    the CP attention does not take it. Transformer Engine's THD path is not exercised here, so
+    it is not offered (megatron_ext.sft_data)."""
+    if cfg.data.kind != "sft" or not cfg.data.packing:
+        return []
+    needs = {"model.transformer_impl=local or CPU ranks": runs_local_spec(cfg),
+             "parallel.pp=1": layout.pp == 1, "parallel.cp=1": layout.cp == 1}
+    return [f"data.packing=true needs {need}; set data.packing=false (one conversation per "
+            "sequence, padded) otherwise" for need, ok in needs.items() if not ok]
+
+
 def _layout_problems(cfg: RunConfig, layout: Layout) -> list[str]:
     m, t, world = cfg.model, cfg.train, cfg.cluster.world_size
-    out: list[str] = []
+    out: list[str] = _packing_problems(cfg, layout)
     if layout.world_size != world:
         valid = divisors(world)
         out.append(
