@@ -101,6 +101,20 @@ def _merge(shards: list[str], prefix: Path, dtype: type) -> None:
         builder.finalize(f"{prefix}{suffix}.idx")
 
 
+def _packed_sequences(prefix: Path, max_tokens: int) -> int:
+    """How many training sequences of ``max_tokens`` (train.seq_length + 1) the conversations
+    pack into, in file order (training shuffles first: about as many); what sizes
+    ``train.steps`` for a number of epochs."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_ext.sft_data import pack
+
+    dataset = IndexedDataset(str(prefix))  # held: its lengths are a view of its mmap
+    lengths = dataset.sequence_lengths.tolist()
+    del dataset
+    return len(pack(lengths, max_tokens, True))
+
+
 def prepare_chat(inputs: list[Path], tokenizer_path: Path, prefix: Path, max_tokens: int,
                  keep_shards: bool = False) -> dict[str, Any]:
     """The whole chat pipeline; its statistics (also in ``<prefix>.stats.json``)."""
@@ -123,6 +137,7 @@ def prepare_chat(inputs: list[Path], tokenizer_path: Path, prefix: Path, max_tok
         dropped.update(row["dropped"])
     total = {k: sum(r[k] for r in rows)
              for k in ("conversations", "kept", "tokens", "answer_tokens")}
+    total["packed_sequences"] = _packed_sequences(prefix, max_tokens)
     report = {"format": "chat", "files": rows, "total": total, "dropped": dict(dropped),
               "output_prefix": str(prefix), "loss_mask": f"{prefix}{SFT_MASK_SUFFIX}",
               "max_tokens": max_tokens, "seconds": time.monotonic() - started}
@@ -137,5 +152,8 @@ def format_chat_report(report: dict[str, Any]) -> str:
              for r in report["files"]]
     lines += [f"dropped, {reason}: {n}" for reason, n in sorted(report["dropped"].items())]
     lines += [example for r in report["files"] for example in r["dropped_examples"]]
-    lines.append(f"wrote {report['output_prefix']}.bin/.idx and {report['loss_mask']}.bin/.idx")
+    lines.append(f"wrote {report['output_prefix']}.bin/.idx and {report['loss_mask']}.bin/.idx; "
+                 f"about {report['total']['packed_sequences']} packed sequences of "
+                 f"{report['max_tokens']} tokens (train.steps = epochs x that / "
+                 "train.global_batch_size)")
     return "\n".join(lines)

@@ -63,6 +63,7 @@ def test_bad_records_counted_by_reason_with_line_and_rerun_reuses(chat_dir: Path
     assert prepare_main(argv) == 0
     stats = json.loads(Path(f"{prefix}.stats.json").read_text())
     assert stats["total"]["conversations"] == 7 and stats["total"]["kept"] == 1
+    assert stats["total"]["packed_sequences"] == 1
     assert stats["dropped"] == {"invalid JSON": 1, "message without a role": 1, "empty answer": 1,
                                 "no assistant turn": 1, "longer than --max-tokens": 1,
                                 "no 'messages' or 'prompt'/'response' field": 1}
