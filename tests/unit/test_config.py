@@ -10,6 +10,7 @@ import pytest
 
 from launch.config import CONF_DIR, derive_layout, validate
 from launch.prepare import for_sweep_point
+from launch.schema import Layout
 from tests.conftest import make_config, run_launch
 
 # (overrides, a fragment the message must contain)
@@ -224,3 +225,10 @@ def test_sft_without_packing_is_offered_on_transformer_engine() -> None:
     """Padding (one conversation per sequence) needs no attention mask: TE's causal kernels."""
     problems = validate(make_config("cluster=slurm", "data=sft_example", "data.packing=false"))
     assert [p for p in problems if "packing" in p] == [] and any("loss mask" in p for p in problems)
+
+
+def test_packing_is_checked_against_the_planner_s_layout_too() -> None:
+    cfg = make_config("data=sft_example", "parallel=auto")
+    assert not [p for p in validate(cfg) if "packing" in p]
+    problems = validate(cfg, Layout(tp=1, pp=2, cp=1, dp=1))
+    assert any("data.packing=true needs parallel.pp=1" in p for p in problems), problems

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy
+import pytest
 import torch
 
 from launch.tokenizer import load_tokenizer
@@ -49,6 +50,7 @@ def conversations() -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_loss_is_plain_cross_entropy_on_answers_packed_or_not(tmp_path: Path) -> None:
     prefix = demo_chat.make(tmp_path, conversations())
     eod = load_tokenizer(tmp_path / "tokenizer")[1]
