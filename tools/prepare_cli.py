@@ -55,6 +55,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+TEXT_ONLY = ("dedup", "near_dup", "nfkc", "redact_pii", "languages", "langid", "quality",
+             "min_chars", "code_sources")
+"""Flags of the pre-training path that --format chat does not apply (refused, not ignored)."""
+
+
 def check(options: Options) -> None:
     """ValueError naming the flag of the first bad value."""
     if options.min_chars < 0:
@@ -74,4 +79,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
                       pii_locale=args.pii_locale, quality=args.quality,
                       languages=args.languages, langid=args.langid, near_dup=args.near_dup)
     check(options)
+    if args.format == "chat":
+        text_only = [f"--{k.replace('_', '-')}" for k in TEXT_ONLY if getattr(args, k)]
+        if text_only:
+            raise ValueError(f"{', '.join(text_only)}: pre-training filters; --format chat "
+                             "takes --input, --tokenizer, --output-prefix, --max-tokens, "
+                             "--keep-shards")
     return args, options

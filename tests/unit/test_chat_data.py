@@ -90,3 +90,12 @@ def test_a_tokenizer_without_chat_template_is_refused(chat_dir: Path, tmp_path: 
             str(plain), "--output-prefix", str(tmp_path / "out")]
     assert prepare_main(argv) == 1
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_pre_training_filters_are_refused_with_chat(chat_dir: Path, tmp_path: Path,
+                                                   capsys) -> None:
+    argv = ["--format", "chat", "--input", str(chat_dir / "chat.jsonl"), "--tokenizer",
+            str(chat_dir / "tokenizer"), "--output-prefix", str(tmp_path / "out"), "--dedup"]
+    assert prepare_main(argv) == 1
+    assert "--dedup: pre-training filters; --format chat takes" in capsys.readouterr().err
+    assert not (tmp_path / "out.shards").exists()
