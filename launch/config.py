@@ -80,6 +80,20 @@ def derive_layout(cfg: RunConfig) -> Layout:
     return layout_from(p, dp)
 
 
+def _packing_problems(cfg: RunConfig, layout: Optional[Layout]) -> list[str]:
+    """Packed fine-tuning sequences need the explicit block-diagonal mask: the local layer spec
+    applies it; only the first and last pipeline stages read the batch (step.forward_step);
+    the CP attention does not take it. Transformer Engine's THD path is not exercised here, so
+    it is not offered (megatron_ext.sft_data)."""
+    if cfg.data.kind != "sft" or not cfg.data.packing:
+        return []
+    needs = {"model.transformer_impl=local or CPU ranks": runs_local_spec(cfg)}
+    if layout is not None:  # parallel=auto: checked once the planner has chosen one
+        needs.update({"parallel.pp=1": layout.pp == 1, "parallel.cp=1": layout.cp == 1})
+    return [f"data.packing=true needs {need}; set data.packing=false (one conversation per "
+            "sequence, padded) otherwise" for need, ok in needs.items() if not ok]
+
+
 def _layout_problems(cfg: RunConfig, layout: Layout) -> list[str]:
     m, t, world = cfg.model, cfg.train, cfg.cluster.world_size
     out: list[str] = []
@@ -169,8 +183,10 @@ def validate(cfg: RunConfig, layout: Optional[Layout] = None) -> list[str]:
     gpu = not cfg.cluster.cpu_ranks
     out += cfg.kernels.problems(local_spec_on_gpu=gpu and cfg.model.transformer_impl == "local",
                                 fp32_on_gpu=gpu and cfg.train.precision == "fp32")
+    chosen = layout or (None if cfg.parallel.auto else derive_layout(cfg))
+    out += _packing_problems(cfg, chosen)
     if not cfg.parallel.auto:
-        out += _layout_problems(cfg, layout or derive_layout(cfg))
+        out += _layout_problems(cfg, chosen)
     return out
 
 

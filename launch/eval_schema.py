@@ -66,7 +66,7 @@ def eval_sources(cfg: RunConfig) -> list[EvalSource]:
         if data.kind == "synthetic":
             out.append(EvalSource(_name("synthetic", taken), "data.split", "", data.split))
         out += [EvalSource(_name(s.path, taken), f"data.sources[{i}].path", s.path, data.split)
-                for i, s in enumerate(data.sources) if data.kind == "indexed"]
+                for i, s in enumerate(data.sources) if data.kind in ("indexed", "sft")]
     out += [EvalSource(_name(s.path, taken), f"data.validation[{i}].path", s.path, WHOLE)
             for i, s in enumerate(data.validation)]
     return out

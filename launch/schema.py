@@ -28,7 +28,10 @@ ATTENTION_BACKENDS = ("flash", "fused", "unfused")
 PRECISIONS = ("bf16", "fp8", "fp32")
 RECOMPUTE = ("none", "selective", "full")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
-DATA_KINDS = ("synthetic", "indexed")
+DATA_KINDS = ("synthetic", "indexed", "sft")
+SFT_MASK_SUFFIX = "_loss_mask"
+"""``data.kind=sft``: the loss mask of ``<prefix>`` is the indexed dataset ``<prefix>_loss_mask``
+(tools.prepare_data --format chat writes both)."""
 NAN_ACTIONS = ("stop", "skip")
 LR_SCHEDULE_ON_RESUME = ("error", "checkpoint", "config")
 
@@ -291,15 +294,25 @@ class DataConfig:
     """Held-out datasets read whole by validation, beside each source's validation split."""
     prepare_demo: bool = False
     """Build the shipped demo corpus, tokenizer and dataset first if they are missing."""
+    packing: bool = True
+    """``data.kind=sft``: several conversations per training sequence, none attending to another
+    (CPU ranks / the local layer spec, PP=1, CP=1); false: one conversation per sequence, padded."""
 
     def problems(self) -> list[str]:
         out = choice_problem("data.kind", self.kind, DATA_KINDS)
-        if self.kind == "indexed":
+        if self.kind == "sft":
+            out += [f"data.sources[{i}].path={s.path!r} has no loss mask {s.path}"
+                    f"{SFT_MASK_SUFFIX}.idx; data.kind=sft reads what python -m "
+                    "tools.prepare_data --format chat writes"
+                    for i, s in enumerate(self.sources)
+                    if not os.path.isfile(f"{s.path}{SFT_MASK_SUFFIX}.idx")]
+        if self.kind in ("indexed", "sft"):
             if not self.sources:
-                out.append("data.sources is empty; data.kind=indexed needs at least one "
+                out.append(f"data.sources is empty; data.kind={self.kind} needs at least one "
                            "{path, weight} entry (or use data=synthetic)")
             if not self.tokenizer:
-                out.append("data.tokenizer is empty; data.kind=indexed needs a tokenizer.json path")
+                out.append(f"data.tokenizer is empty; data.kind={self.kind} needs a "
+                           "tokenizer.json path")
         for i, source in enumerate(self.sources):
             out += positive_problem(f"data.sources[{i}].weight", source.weight)
         parts = self.split.split(",")

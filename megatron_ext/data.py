@@ -25,6 +25,7 @@ from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer as
 from launch.schema import DataConfig, RunConfig
 from launch import tokenizer as tokenizer_rule
 from megatron_ext.passes import SourcePasses
+from megatron_ext.sft_data import SFTDataset
 
 
 class HFTokenizer(MegatronTokenizer):
@@ -107,8 +108,18 @@ def dataset_config(cfg: RunConfig, cache_dir: str, blend: Optional[tuple]) -> GP
         create_attention_mask=False)
 
 
+def sft_dataset(cfg: RunConfig, path: str, part: int, split: str = "") -> SFTDataset:
+    """One part of ``split`` (``data.split``) of a prepared chat dataset, padded with
+    end-of-document."""
+    return SFTDataset(path, seq_length=cfg.train.seq_length, packing=cfg.data.packing,
+                      pad_id=load_tokenizer(cfg.data, cfg.model.vocab_size).eod,
+                      seed=cfg.train.seed, split=split or cfg.data.split, part=part)
+
+
 def _one_epoch(cfg: RunConfig, cache_dir: str, path: Optional[str]) -> GPTDataset:
     """One epoch of one source's training split (megatron's order; built by rank 0 first)."""
+    if cfg.data.kind == "sft":
+        return sft_dataset(cfg, path, part=0)
     dataset_cls = GPTDataset if path is not None else MockGPTDataset
     blend = ([path], None) if path is not None else None
     return BlendedMegatronDatasetBuilder(dataset_cls, [None, None, None], lambda: True,
@@ -129,7 +140,7 @@ def build_train_dataset(cfg: RunConfig, cache_dir: str, num_samples: Optional[in
     data, train = cfg.data, cfg.train
     if num_samples is None:
         num_samples = train.steps * train.global_batch_size
-    paths = [s.path for s in data.sources] if data.kind == "indexed" else [None]
+    paths = [s.path for s in data.sources] if data.kind in ("indexed", "sft") else [None]
     sources = [SourcePasses.covering(_one_epoch(cfg, cache_dir, path), train.seed, num_samples)
                for path in paths]
     if len(sources) == 1:
@@ -162,13 +173,15 @@ class BatchPlan:
 
 
 def _stack(samples: list[dict]) -> dict[str, torch.Tensor]:
+    keys = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
     return {key: torch.stack([torch.as_tensor(numpy.asarray(s[key])) for s in samples])
-            for key in ("tokens", "labels", "loss_mask", "position_ids")}
+            for key in keys if key in samples[0]}
 
 
 def microbatches(dataset: GPTDataset, plan: BatchPlan,
                  consumed_samples: int) -> Iterator[dict[str, torch.Tensor]]:
-    """One global batch's micro-batches for this rank, as tensors."""
+    """One global batch's micro-batches for this rank, as tensors (with the packed sequences'
+    attention mask where ``data.kind=sft`` packs them)."""
     for i in range(plan.num_microbatches):
         yield _stack([dataset[j] for j in plan.sample_indices(consumed_samples, i)])
 

@@ -68,7 +68,9 @@ def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.
     tokens = batch["tokens"].to(device) if first else None
     positions = batch["position_ids"].to(device) if first else None
     labels = batch["labels"].to(device) if last else None
-    output = model(tokens, positions, None, labels=labels)
+    # packed fine-tuning sequences: block-diagonal causal (data.kind=sft, PP=1, local spec)
+    mask = batch.get("attention_mask") if batch is not None else None
+    output = model(tokens, positions, None if mask is None else mask.to(device), labels=labels)
     return output, partial(_loss, batch["loss_mask"].to(device) if last else None)
 
 

@@ -23,7 +23,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from launch.eval_schema import EvalSource, eval_sources
 from launch.schema import RunConfig
 from megatron_ext import parallel
-from megatron_ext.data import BatchPlan, dataset_config, microbatches
+from megatron_ext.data import BatchPlan, dataset_config, microbatches, sft_dataset
+from megatron_ext.passes import SourcePasses
 from megatron_ext.step import forward_step
 
 
@@ -31,6 +32,9 @@ def build_eval_dataset(cfg: RunConfig, source: EvalSource, cache_dir: str) -> GP
     """The validation split of one source, ``eval_iters`` global batches long (megatron's
     builder: rank 0 writes the sample index into the cache first)."""
     t = cfg.train
+    if cfg.data.kind == "sft":  # the held-out conversations, repeated to fill eval_iters batches
+        return SourcePasses.covering(sft_dataset(cfg, source.path, 1, source.split), t.seed,
+                                     t.eval_iters * t.global_batch_size)
     config = dataclasses.replace(
         dataset_config(cfg, cache_dir, ([source.path], None) if source.path else None),
         split=source.split)

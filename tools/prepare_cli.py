@@ -22,6 +22,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=max((os.cpu_count() or 2) - 1, 1),
                    help="tokenizing processes (default: cores - 1; the main process "
                    "reads, dedups and writes)")
+    p.add_argument("--format", choices=("text", "chat"), default="text",
+                   help="text: pre-training documents; chat: 'messages' or prompt/response "
+                   "records for fine-tuning, rendered with the tokenizer's chat template and "
+                   "written with a loss mask on the answers")
+    p.add_argument("--max-tokens", type=int, default=4097,
+                   help="--format chat: drop (and count) longer conversations; at most "
+                   "train.seq_length + 1 so one fits a training sequence")
     p.add_argument("--text-key", default="text")
     p.add_argument("--min-chars", type=int, default=0)
     p.add_argument("--dedup", action="store_true",
@@ -59,6 +66,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+TEXT_ONLY = ("dedup", "near_dup", "nfkc", "redact_pii", "languages", "langid", "quality",
+             "min_chars", "code_sources", "paragraph_dup", "dedup_against",
+             "perplexity_reference", "max_perplexity")
+"""Flags of the pre-training path that --format chat does not apply (refused, not ignored)."""
+
+
 def check(options: Options) -> None:
     """ValueError naming the flag of the first bad value."""
     if options.min_chars < 0:
@@ -87,6 +100,12 @@ def check(options: Options) -> None:
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
     args = parser().parse_args(argv)
+    if args.format == "chat":
+        text_only = [f"--{k.replace('_', '-')}" for k in TEXT_ONLY if getattr(args, k)]
+        if text_only:
+            raise ValueError(f"{', '.join(text_only)}: pre-training filters; --format chat "
+                             "takes --input, --tokenizer, --output-prefix, --max-tokens, "
+                             "--keep-shards")
     options = Options(nfkc=args.nfkc, min_chars=args.min_chars, dedup=args.dedup,
                       redact_pii=args.redact_pii, text_key=args.text_key, pii=args.pii,
                       pii_locale=args.pii_locale, quality=args.quality,

@@ -38,6 +38,7 @@ from tools.curation.selection import merge, select
 from tools.curation.shards import (Chunk, bottom, builder_class, finished, load_docs,
                                    shard_prefix, source_id, tokenizer_digest, write_shard)
 from tools.curation.stats import file_row, summarise
+from tools.prepare_chat import format_chat_report, prepare_chat
 from tools.prepare_cli import parse
 from tools.prepare_progress import Progress, format_report
 from tools.text_filters import Options, shard_options
@@ -192,6 +193,11 @@ def prepare(inputs: list[Path], tokenizer: Path, prefix: Path, options: Options,
 def main(argv: list[str] | None = None) -> int:
     try:
         args, options = parse(argv)
+        if args.format == "chat":
+            report = prepare_chat(args.input, args.tokenizer, args.output_prefix,
+                                  args.max_tokens, keep_shards=args.keep_shards)
+            print(format_chat_report(report))
+            return 0
         report = prepare(args.input, args.tokenizer, args.output_prefix, options,
                          workers=max(args.workers, 1), keep_shards=args.keep_shards,
                          code_sources=tuple(args.code_sources))

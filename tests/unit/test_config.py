@@ -10,6 +10,7 @@ import pytest
 
 from launch.config import CONF_DIR, derive_layout, validate
 from launch.prepare import for_sweep_point
+from launch.schema import Layout
 from tests.conftest import make_config, run_launch
 
 # (overrides, a fragment the message must contain)
@@ -66,6 +67,11 @@ BAD_CONFIGS = [
     (["model.num_layers=5", "parallel=pp2", "parallel.account_for_loss_in_pipeline_split=true",
       "parallel.account_for_embedding_in_pipeline_split=true"], "model.num_layers=5 cannot be "
      "split this way"),
+    (["data=sft_example"], "data.sources[0].path='runs/sft-demo/sft_document' has no loss mask"),
+    (["data=sft_example", "parallel=pp2"], "data.packing=true needs parallel.pp=1"),
+    (["cluster=slurm", "data=sft_example"], "data.packing=true needs model.transformer_impl="
+     "local or CPU ranks; set data.packing=false"),
+    (["data.kind=sft", "data.sources=[]"], "data.sources is empty; data.kind=sft needs"),
 ]
 
 
@@ -213,3 +219,16 @@ def test_each_sweep_point_has_its_own_checkpoint_folder_and_s3_prefix() -> None:
     assert all(p.problems() == [] for p in points)
     assert len({p.dir for p in points}) == 2
     assert for_sweep_point(make_config(), "train.lr=0.001", "sweep-1").checkpoint.s3_uri == ""
+
+
+def test_sft_without_packing_is_offered_on_transformer_engine() -> None:
+    """Padding (one conversation per sequence) needs no attention mask: TE's causal kernels."""
+    problems = validate(make_config("cluster=slurm", "data=sft_example", "data.packing=false"))
+    assert [p for p in problems if "packing" in p] == [] and any("loss mask" in p for p in problems)
+
+
+def test_packing_is_checked_against_the_planner_s_layout_too() -> None:
+    cfg = make_config("data=sft_example", "parallel=auto")
+    assert not [p for p in validate(cfg) if "packing" in p]
+    problems = validate(cfg, Layout(tp=1, pp=2, cp=1, dp=1))
+    assert any("data.packing=true needs parallel.pp=1" in p for p in problems), problems
