@@ -20,7 +20,6 @@ from typing import Any, Mapping, Optional, Union
 
 from launch.schema import Layout, RunConfig
 from megatron_ext.env import RunEnv
-from megatron_ext.wandb_log import rewind_offline_runs
 
 log = logging.getLogger("megatron_ext.metrics")
 
@@ -159,6 +158,8 @@ class MetricsLogger:
         offline runs are rewound to it, so that each step is in one attempt's run."""
         if env.rank != 0 or cfg.logging.wandb.mode == "disabled":
             return NullMetricsLogger()
+        from megatron_ext.wandb_log import rewind_offline_runs  # wandb's protobufs: rank 0 only
+
         earlier = earlier_attempts(Path(run_dir), run_id(cfg, env))
         rewind_offline_runs([f for f in earlier if f.name.startswith("offline-")], start_step)
         attempt = max(earlier.values(), default=0) + 1  # distinct, also after a gap
