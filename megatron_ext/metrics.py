@@ -1,7 +1,9 @@
 """W&B metrics from rank 0, and the progress line people read in the log.
 
 Name, group and tags derive from the config so a Hydra sweep (``cfg.sweep``) or a Slurm array
-groups in the W&B UI; the run id derives from the job so a Slurm requeue continues the same run.
+groups in the W&B UI. The run id derives from the job, and every attempt of it (a requeue, a
+rerun that resumes) logs its own run in the same group, ``<run id>-a<N>`` from the second on:
+two attempts under one id made ``wandb sync`` of their offline folders keep one of them.
 W&B reads its API key from ``$WANDB_API_KEY`` itself; no secret from the environment reaches
 the logged config.
 """
@@ -49,6 +51,24 @@ def run_id(cfg: RunConfig, env: RunEnv) -> str:
     return _sanitize(f"{cfg.name}-{cfg.cluster.name}-{job}")
 
 
+def attempt_id(run: str, attempt: int) -> str:
+    """The W&B id of one attempt of ``run``: the run id itself for the first."""
+    return run if attempt == 1 else f"{run}-a{attempt}"
+
+
+def earlier_attempts(run_dir: Path, run: str) -> dict[Path, int]:
+    """W&B's folders (``[offline-]run-<date>_<time>-<id>``) of ``run``'s earlier attempts and
+    their numbers: in this run folder (a requeue) and its siblings (a relaunch writes a new
+    launch folder next to it, ``runs/<name>/launches/<time>``)."""
+    pattern = re.compile(rf"(?:offline-)?run-\d{{8}}_\d{{6}}-{re.escape(run)}(?:-a(\d+))?")
+    found = {}
+    for folder in sorted(run_dir.resolve().parent.glob("*/wandb/*run-*")):
+        match = pattern.fullmatch(folder.name)
+        if match and folder.is_dir():
+            found[folder] = int(match.group(1) or 1)
+    return found
+
+
 _THROUGHPUT = ("step_time_s", "tokens", "tokens_per_s", "tokens_per_s_per_gpu",
                "tflops_per_s_per_gpu", "mfu")
 _PREFIX_PANELS = {"peak_": "memory", "checkpoint_": "checkpoint", "straggler_": "straggler"}
@@ -83,14 +103,19 @@ def redact(value: Any, secrets: list[str]) -> Any:
     return value
 
 
-def wandb_settings(cfg: RunConfig, layout: Layout, env: RunEnv, secrets: list[str]) -> dict:
-    """Keyword arguments for ``wandb.init``, without ``dir``; pure for tests."""
+def wandb_settings(cfg: RunConfig, layout: Layout, env: RunEnv, secrets: list[str],
+                   attempt: int = 1, start_step: int = 0) -> dict:
+    """Keyword arguments for ``wandb.init``, without ``dir``; pure for tests. ``job_type`` and
+    ``config.attempt`` say which attempt this is and the step it resumed from."""
     sweep = sweep_id(cfg, env)
     tag = layout_tag(layout)
-    config = dataclasses.asdict(cfg) | {"layout": dataclasses.asdict(layout)}
+    run = run_id(cfg, env)
+    config = dataclasses.asdict(cfg) | {"layout": dataclasses.asdict(layout), "attempt": {
+        "run": run, "number": attempt, "resumed_from_step": start_step}}
     return dict(
         project=cfg.logging.wandb.project, entity=cfg.logging.wandb.entity or None,
-        mode=cfg.logging.wandb.mode, id=run_id(cfg, env), resume="allow",
+        mode=cfg.logging.wandb.mode, id=attempt_id(run, attempt),
+        job_type=f"resume-from-step-{start_step}" if start_step else "train",
         name=f"{cfg.name}-{cfg.model.name}-{tag}-{cfg.cluster.name}"
         + (f"-{cfg.sweep_point}" if cfg.sweep_point else ""),
         group=f"sweep-{sweep}" if sweep else cfg.name,
@@ -127,12 +152,19 @@ class MetricsLogger:
                  "offline" if self.offline_fallback else settings["mode"])
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, *, env: RunEnv, layout: Layout, run_dir: Path
-                    ) -> Union["MetricsLogger", "NullMetricsLogger"]:
+    def from_config(cls, cfg: RunConfig, *, env: RunEnv, layout: Layout, run_dir: Path,
+                    start_step: int = 0) -> Union["MetricsLogger", "NullMetricsLogger"]:
+        """``start_step``: the checkpoint this attempt resumed from; the earlier attempts'
+        offline runs are rewound to it, so that each step is in one attempt's run."""
         if env.rank != 0 or cfg.logging.wandb.mode == "disabled":
             return NullMetricsLogger()
-        return cls(wandb_settings(cfg, layout, env, secret_values(os.environ)), Path(run_dir),
-                   cfg.logging.wandb.init_timeout_s)
+        from megatron_ext.wandb_log import rewind_offline_runs  # wandb's protobufs: rank 0 only
+
+        earlier = earlier_attempts(Path(run_dir), run_id(cfg, env))
+        rewind_offline_runs([f for f in earlier if f.name.startswith("offline-")], start_step)
+        attempt = max(earlier.values(), default=0) + 1  # distinct, also after a gap
+        return cls(wandb_settings(cfg, layout, env, secret_values(os.environ), attempt,
+                                  start_step), Path(run_dir), cfg.logging.wandb.init_timeout_s)
 
     @property
     def run_id(self) -> str:

@@ -44,7 +44,8 @@ class StepReporter:
         self._use_gpu = use_gpu
         self._throughput = Throughput.from_config(cfg, env.world_size, use_gpu)
         run_dir = Path(cfg.run_dir)
-        self._wandb = MetricsLogger.from_config(cfg, env=env, layout=layout, run_dir=run_dir)
+        self._wandb = MetricsLogger.from_config(cfg, env=env, layout=layout, run_dir=run_dir,
+                                                start_step=start_step)
         if env.rank == 0:
             rewind(run_dir / METRICS_FILE, start_step)
         self._file = open(run_dir / METRICS_FILE, "a") if env.rank == 0 else None

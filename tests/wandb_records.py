@@ -2,34 +2,33 @@
 from __future__ import annotations
 
 import json
-import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
 
+from megatron_ext.wandb_log import read_records
+
+
+def offline_runs(run_dir: Path, timeout_s: float = 30.0) -> list[list[pb.Record]]:
+    """The records of each offline run under ``run_dir``, attempt after attempt.
+
+    ``run.finish()`` can return before wandb-core has written the run's last records (seen
+    under load: an alert read back missing), so this waits, up to ``timeout_s``, until every
+    run file holds its exit record, and returns what is there then.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = [read_records(path) for path in
+                sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))]
+        if time.monotonic() > deadline or all(of_type(run, "exit") for run in runs):
+            return runs
+        time.sleep(0.1)
+
 
 def wandb_records(run_dir: Path) -> list[pb.Record]:
-    """Parse the offline ``run-<id>.wandb`` files: W&B's LevelDB-style log of protobufs.
-
-    Layout: a 7-byte header (":W&B", magic, version), then 32 KiB blocks of chunks, each
-    with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last).
-    """
-    records = []
-    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
-        data, pos, parts = path.read_bytes(), 7, []
-        assert data[:4] == b":W&B"
-        while pos + 7 <= len(data):
-            left = 32768 - pos % 32768
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            if left < 7 or (length == 0 and kind == 0):  # block padding
-                pos += left
-                continue
-            parts.append(data[pos + 7:pos + 7 + length])
-            pos += 7 + length
-            if kind in (1, 4):
-                records.append(pb.Record.FromString(b"".join(parts)))
-                parts = []
-    return records
+    """Every record of every offline run under ``run_dir``, in attempt order."""
+    return [record for run in offline_runs(run_dir) for record in run]
 
 
 def of_type(records: list[pb.Record], kind: str) -> list:

@@ -18,7 +18,7 @@ from launch.schema import ALERTS_SENT
 from tests.conftest import REPO, make_config
 from tests.integration.conftest import torchrun_argv
 from tests.slack_receiver import Receiver
-from tests.wandb_records import history, of_type, wandb_records
+from tests.wandb_records import history, of_type, offline_runs, wandb_records
 
 pytestmark = pytest.mark.slow
 MICRO_BATCHES = 2  # global batch 16 = micro-batch 4 x 2 x DP 2
@@ -59,7 +59,7 @@ def _nan_alerts(receiver: Receiver) -> list[str]:
 
 
 def test_nan_stops_the_run_with_one_alert_and_no_update(tmp_path, receiver):
-    code, metrics, log = run_ranks(tmp_path, receiver.url, "5")
+    code, metrics, log = run_ranks(tmp_path, receiver.url, "5", "logging.wandb.mode=offline")
     assert code != 0, log
     assert [row["step"] for row in metrics] == [1, 2, 3, 4]  # nothing after the NaN step
     assert "loss nan at step 5, 1 in a row; stopping (train.on_nan=stop); the last committed " \
@@ -70,9 +70,18 @@ def test_nan_stops_the_run_with_one_alert_and_no_update(tmp_path, receiver):
     assert not [p for p in receiver.posts if " failed (rank" in p]  # no failure on top of it
     assert "FloatingPointError" not in log and "NonFiniteLoss" not in log  # said in one line
     # The rerun (a requeue: same run folder) resumes from step 3; step 4 is in the file once.
-    code, metrics, log = run_ranks(tmp_path, receiver.url, "99")
+    code, metrics, log = run_ranks(tmp_path, receiver.url, "99", "logging.wandb.mode=offline")
     assert code == 0, log
     assert [row["step"] for row in metrics] == list(range(1, 9))
+    # Each attempt is its own W&B run; the first lost step 4, which the resume reran, so that
+    # `wandb sync` of both uploads every step once (one id made one replace the other).
+    runs = offline_runs(tmp_path / "run")
+    assert [of_type(run, "run")[0].job_type for run in runs] == ["train", "resume-from-step-3"]
+    assert len({of_type(run, "run")[0].run_id for run in runs}) == 2
+    steps = [[row["_step"] for row in history(run) if "train/loss" in row] for run in runs]
+    assert steps == [[1, 2, 3], [4, 5, 6, 7, 8]]
+    assert [row["train/loss"] for row in history(runs[1]) if "train/loss" in row] \
+        == [row["loss"] for row in metrics[3:]]
 
 
 def test_skip_goes_on_without_the_poisoned_updates_and_alerts_once(tmp_path, receiver):

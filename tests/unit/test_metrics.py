@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from wandb.proto import wandb_internal_pb2 as pb
 
 from launch.prepare import for_sweep_point
 from launch.schema import Layout
@@ -14,7 +15,8 @@ from megatron_ext.env import RunEnv, slurm_ids
 from megatron_ext.metrics import (MetricsLogger, NullMetricsLogger, format_progress, layout_tag,
                                   panel_key, run_id, wandb_settings)
 from tests.conftest import make_config
-from tests.wandb_records import history, of_type, wandb_records
+from megatron_ext.wandb_log import encode, read_payloads
+from tests.wandb_records import history, of_type, offline_runs, wandb_records
 
 LAYOUT = Layout(tp=2, pp=1, cp=1, dp=2)
 SLACK_SECRET = "https://hooks.slack.com/services/T0DISTINCT/B0SECRET/zz9plural9alpha"
@@ -58,7 +60,7 @@ def test_name_group_and_tags_come_from_the_config(offline):
     s = wandb_settings(offline, LAYOUT, array, [])
     assert s["name"] == f"demo-{offline.model.name}-tp2-dp2-local"
     assert s["group"] == "sweep-99" and "sweep-99" in s["tags"] and "tp2-dp2" in s["tags"]
-    assert s["resume"] == "allow" and s["config"]["layout"]["tp"] == 2
+    assert s["config"]["layout"]["tp"] == 2
     assert wandb_settings(offline, LAYOUT, run_env(), [])["group"] == "demo"
     offline.sweep = "demo-2026-11-23_01-02-03"  # what launch records for `-m`
     s = wandb_settings(offline, LAYOUT, run_env(SLURM_JOB_ID="101"), [])
@@ -93,26 +95,56 @@ def test_only_rank_0_logs(offline, tmp_path):
                                                 run_dir=tmp_path), NullMetricsLogger)
 
 
-def test_offline_run_holds_the_metrics_config_and_a_requeue_resumes_it(offline):
-    run_dir = Path(offline.run_dir)
-    for first, last in ((1, 3), (4, 5)):  # the second launch is the requeued job
-        m = MetricsLogger.from_config(offline, env=run_env(SLURM_JOB_ID="31337"), layout=LAYOUT,
-                                      run_dir=run_dir)
-        assert m.run_id == "demo-local-31337"
-        for step in range(first, last + 1):
-            m.log(step, {"loss": 10.0 / step, "tokens_per_s": 1000.0 * step, "mfu": 0.4,
-                         "peak_memory_allocated_gib": 61.5})
-        m.close(exit_code=0)
-    records = wandb_records(run_dir)
-    runs = of_type(records, "run")
-    assert {r.run_id for r in runs} == {"demo-local-31337"}
-    assert runs[0].run_group == "demo" and "tp2-dp2" in runs[0].tags
-    config = {u.key: json.loads(u.value_json) for u in runs[0].config.update}
-    assert config["layout"]["dp"] == 2 and config["model"]["name"] == offline.model.name
-    rows = [row for row in history(records) if "train/loss" in row]
-    assert [row["_step"] for row in rows] == [1, 2, 3, 4, 5]
-    assert rows[-1]["train/loss"] == 2.0 and rows[-1]["throughput/tokens_per_s"] == 5000.0
-    assert rows[-1]["throughput/mfu"] == 0.4 and rows[-1]["memory/peak_memory_allocated_gib"] == 61.5
+def _attempt(cfg, start_step: int, last: int) -> str:
+    """One launch of the job 31337 (the later ones are its requeues): steps after
+    ``start_step`` up to ``last``; its W&B run id."""
+    m = MetricsLogger.from_config(cfg, env=run_env(SLURM_JOB_ID="31337"), layout=LAYOUT,
+                                  run_dir=Path(cfg.run_dir), start_step=start_step)
+    for step in range(start_step + 1, last + 1):
+        m.log(step, {"loss": 10.0 / step + start_step, "tokens_per_s": 1000.0 * step,
+                     "mfu": 0.4, "peak_memory_allocated_gib": 61.5})
+    m.close(exit_code=0 if last == 6 else 1)
+    return m.run_id
+
+
+def test_each_attempt_is_its_own_run_and_together_they_hold_each_step_once(offline):
+    """Two attempts under one id made ``wandb sync`` of both keep one; the rerun steps after
+    the resumed checkpoint were in the history twice, the lost timeline first."""
+    ids = [_attempt(offline, 0, 5), _attempt(offline, 3, 4)]
+    first_launch = Path(offline.run_dir)
+    offline.run_dir = str(first_launch.with_name("relaunch"))  # a new launch folder beside it
+    ids.append(_attempt(offline, 3, 6))
+    assert ids == ["demo-local-31337", "demo-local-31337-a2", "demo-local-31337-a3"]
+    runs = offline_runs(first_launch) + offline_runs(Path(offline.run_dir))
+    assert [of_type(run, "run")[0].run_id for run in runs] == ids
+    assert {of_type(run, "run")[0].run_group for run in runs} == {"demo"}
+    assert "tp2-dp2" in of_type(runs[0], "run")[0].tags
+    configs = [{u.key: json.loads(u.value_json) for u in of_type(run, "run")[0].config.update}
+               for run in runs]
+    assert configs[0]["layout"]["dp"] == 2 and configs[0]["model"]["name"] == offline.model.name
+    assert [c["attempt"] for c in configs] == [
+        {"run": ids[0], "number": n, "resumed_from_step": s} for n, s in ((1, 0), (2, 3), (3, 3))]
+    assert [of_type(run, "run")[0].job_type for run in runs] == [
+        "train", "resume-from-step-3", "resume-from-step-3"]
+    steps = [[row["_step"] for row in history(run) if "train/loss" in row] for run in runs]
+    assert steps == [[1, 2, 3], [], [4, 5, 6]]  # rewound: what a resume reran is the resume's
+    rows = [row for row in history([r for run in runs for r in run]) if "train/loss" in row]
+    assert [row["train/loss"] for row in rows[3:]] == [10.0 / s + 3 for s in (4, 5, 6)]
+    assert rows[-1]["throughput/tokens_per_s"] == 6000.0 and rows[-1]["throughput/mfu"] == 0.4
+    assert rows[-1]["memory/peak_memory_allocated_gib"] == 61.5
+    assert [of_type(run, "exit")[0].exit_code for run in runs] == [1, 1, 0]  # kept
+
+
+def test_a_rewound_run_file_is_what_wandb_core_would_have_written(offline):
+    """Records longer than a 32 KiB block are split into chunks as wandb-core does."""
+    _attempt(offline, 0, 5)
+    path = next(Path(offline.run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    payloads, header = read_payloads(path), path.read_bytes()[:7]
+    assert encode(header, payloads) == path.read_bytes()
+    big = [pb.Record(num=n, history=pb.HistoryRecord(item=[pb.HistoryItem(
+        key="x", value_json="1" * 50000)])).SerializeToString() for n in (1, 2)]
+    path.write_bytes(encode(header, payloads + big))
+    assert read_payloads(path) == payloads + big
 
 
 def test_wandb_alert_goes_into_the_run(offline):
