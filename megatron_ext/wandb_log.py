@@ -18,6 +18,7 @@ import struct
 import zlib
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2 as pb
 
 log = logging.getLogger("megatron_ext.metrics")
@@ -29,7 +30,8 @@ def read_payloads(path: Path) -> list[bytes]:
     """Every complete record of a run file, serialized; one cut off by a killed writer is
     left out."""
     data, pos, parts, records = path.read_bytes(), _FILE_HEADER, [], []
-    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
     while pos + _CHUNK_HEADER <= len(data):
         left = _BLOCK - pos % _BLOCK
         _, length, kind = struct.unpack("<IHB", data[pos:pos + _CHUNK_HEADER])
@@ -92,7 +94,12 @@ def rewind_offline_runs(folders: list[Path], step: int) -> int:
     """
     dropped = 0
     for path in sorted(p for folder in folders for p in folder.glob("run-*.wandb")):
-        records = read_records(path)
+        try:
+            records = read_records(path)
+        except (ValueError, struct.error, DecodeError) as exc:  # another wandb's format
+            log.warning("W&B: %s left as is (%s): its rows after step %d stay, and syncing "
+                        "it beside the resumed attempt shows those steps twice", path, exc, step)
+            continue
         kept = rewound(records, step)
         rows = sum(r.WhichOneof("record_type") == "history" for r in records) \
             - sum(r.WhichOneof("record_type") == "history" for r in kept)

@@ -15,7 +15,7 @@ from megatron_ext.env import RunEnv, slurm_ids
 from megatron_ext.metrics import (MetricsLogger, NullMetricsLogger, format_progress, layout_tag,
                                   panel_key, run_id, wandb_settings)
 from tests.conftest import make_config
-from megatron_ext.wandb_log import encode, read_payloads
+from megatron_ext.wandb_log import encode, read_payloads, rewind_offline_runs
 from tests.wandb_records import history, of_type, offline_runs, wandb_records
 
 LAYOUT = Layout(tp=2, pp=1, cp=1, dp=2)
@@ -145,6 +145,18 @@ def test_a_rewound_run_file_is_what_wandb_core_would_have_written(offline):
         key="x", value_json="1" * 50000)])).SerializeToString() for n in (1, 2)]
     path.write_bytes(encode(header, payloads + big))
     assert read_payloads(path) == payloads + big
+
+
+def test_a_run_file_it_cannot_read_is_left_as_is(tmp_path, caplog):
+    """A run file of another wandb version never stops a resume: it is kept, with a warning."""
+    folder = tmp_path / "offline-run-1"
+    folder.mkdir()
+    (folder / "run-x.wandb").write_bytes(b":W&B\xe1\xbe\x02" + b"\x01" * 40)  # a torn chunk
+    (folder / "run-y.wandb").write_bytes(b"not a run file")
+    with caplog.at_level("WARNING"):
+        assert rewind_offline_runs([folder], 3) == 0
+    assert (folder / "run-y.wandb").read_bytes() == b"not a run file"
+    assert sum("left as is" in r.message for r in caplog.records) >= 1
 
 
 def test_wandb_alert_goes_into_the_run(offline):
