@@ -11,6 +11,7 @@ from tools.blend_report import source_languages
 from tools.curation import quality
 from tools.demo_data import train_tokenizer
 from tools.prepare_data import main
+from tests.corpus import write_jsonl
 
 EN = ("The committee met on Tuesday to review the budget for the coming year, and after a long "
       "discussion the members agreed that the library would receive more money for books, while "
@@ -30,11 +31,6 @@ DE2 = ("Im Sommer wird der Marktplatz der Stadt neu gestaltet. Die Bürger konnt
 SPAM = "\n".join(["Jetzt billige Uhren kaufen und beim Einkauf sparen, solange der Vorrat "
                   "reicht"] * 30)
 
-
-def write_jsonl(path: Path, texts: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return path
 
 
 @pytest.fixture(scope="module")

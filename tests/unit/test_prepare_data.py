@@ -1,7 +1,6 @@
 """tools.prepare_data: filters, counts, resumability, and output megatron reads back."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy
@@ -12,6 +11,7 @@ from tools.demo_data import EOD_TOKEN, train_tokenizer
 from launch.tokenizer import load_tokenizer
 from tools.prepare_data import main, prepare, token_dtype
 from tools.text_filters import Options, apply, dedup_key, redact
+from tests.corpus import write_jsonl
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
@@ -21,10 +21,6 @@ DOCS = [
     "Ｆｕｌｌ－ｗｉｄｔｈ text and the ﬁ ligature become plain under NFKC, it said.",
 ]
 
-
-def write_jsonl(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from tools.demo_data import train_tokenizer
 from tools import prepare_data
 from tools.prepare_data import main, prepare
 from tools.text_filters import Options
+from tests.corpus import write_jsonl
 
 COOKIES = ("We use cookies to improve your experience on our website. By continuing to browse "
            "you agree to our use of cookies and to our privacy policy.")
@@ -27,11 +28,6 @@ BODIES = [f"Article {i}: the council discussed the {topic} on {day}, and the mem
                                             ("harbour", "Friday"), ("school roof", "Sunday"),
                                             ("market square", "Thursday")])]
 
-
-def write_jsonl(path: Path, texts: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return path
 
 
 def read_dataset(prefix: Path) -> list[list[int]]:

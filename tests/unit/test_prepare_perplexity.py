@@ -13,6 +13,7 @@ from tools.curation.perplexity import CharModel
 from tools.demo_data import train_tokenizer
 from tools.prepare_data import main, prepare
 from tools.text_filters import Options
+from tests.corpus import write_jsonl
 
 TOPICS = ["library", "bus service", "harbour", "school roof", "market square", "swimming pool",
           "train station", "town hall", "fire brigade", "hospital"]
@@ -32,11 +33,6 @@ def prose(seed: int, sentences: int) -> str:
 GIBBERISH = "".join(random.Random(7).choice("qxzjkvwy bcdfgh") for _ in range(400))
 NAVIGATION = "Home | Login | Register | Cart (0) | FAQ | EUR | USD | GBP | " * 6
 
-
-def write_jsonl(path: Path, texts: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return path
 
 
 @pytest.fixture(scope="module")

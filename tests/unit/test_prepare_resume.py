@@ -1,7 +1,6 @@
 """tools.prepare_data reruns: a resumed run writes what a fresh run writes, whatever changed."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -10,16 +9,12 @@ import pytest
 from tools.demo_data import train_tokenizer
 from tools.prepare_data import prepare
 from tools.text_filters import Options
+from tests.corpus import write_jsonl
 
 A = [f"document {i} of file a, about tokenizers and datasets and more words" for i in range(6)]
 B = [f"document {i} of file b, about checkpoints and layouts and more words" for i in range(4)]
 SHARED = "a document both files hold, word for word, about data curation"
 
-
-def write_jsonl(path: Path, texts: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return path
 
 
 @pytest.fixture(scope="module")
