@@ -20,6 +20,7 @@ from launch.prepare import (absolutize, choose_layout, data_problems, for_probe,
 from launch.planning.time_limit import with_time_limit
 from launch import resume
 from launch.schema import RunConfig
+from launch.sft_epochs import with_epochs
 
 
 def _refuse(err: Exception) -> None:
@@ -64,8 +65,13 @@ def main(raw: DictConfig) -> None:
         cfg = for_sweep_point(cfg, hydra_cfg.job.override_dirname or str(hydra_cfg.job.num),
                               sweep=f"{cfg.name}-{Path(hydra_cfg.sweep.dir).name}")
     cfg = for_probe(cfg)
+    explicit = explicit_keys(hydra_cfg.overrides.task)
+    cfg, epoch_problems = with_epochs(cfg, explicit)
+    _exit_on(epoch_problems)
+    if cfg.train.epochs:
+        print(f"train.epochs={cfg.train.epochs}: train.steps={cfg.train.steps}")
     _exit_on(validate(cfg))  # before planning: the planner divides by what it checks
-    cfg, layout, note = choose_layout(cfg, explicit_keys(hydra_cfg.overrides.task))
+    cfg, layout, note = choose_layout(cfg, explicit)
     _exit_on(validate(cfg, layout))
     cfg = with_time_limit(cfg, layout)
     print(f"layout: {layout.describe()}{note}")

@@ -117,6 +117,9 @@ class TrainConfig:
     tokens: int = 0
     """Tokens the whole campaign trains on, for ``tools.schedule`` (its steps are tokens /
     (global_batch_size x seq_length)); 0: not planned. Training itself runs ``steps``."""
+    epochs: float = 0.0
+    """Fine-tuning (``data.kind=sft``): passes over the training conversations; > 0 sets
+    ``steps`` from the prepared data's count of sequences (``launch.sft_epochs``)."""
     global_batch_size: int = 16
     micro_batch_size: int = 4
     seq_length: int = 128
@@ -167,6 +170,8 @@ class TrainConfig:
         for name in ("steps", "global_batch_size", "micro_batch_size", "seq_length", "lr",
                      "log_interval", "recompute_num_layers"):
             out += positive_problem(f"train.{name}", getattr(self, name))
+        if self.epochs < 0:
+            out.append(f"train.epochs={self.epochs} must be >= 0 (0: train.steps counts)")
         if self.tokens < 0:
             out.append(f"train.tokens={self.tokens} must be >= 0 (0: no campaign planned)")
         if self.min_lr < 0 or self.min_lr > self.lr:

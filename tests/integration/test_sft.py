@@ -37,7 +37,7 @@ def test_fine_tuned_export_answers_the_training_prompts(tmp_path: Path) -> None:
     result = run_launch(
         "name=sft", "train=sft", "data=sft_example", *overrides(model),
         f"train.init_from={tmp_path / 'converted'}", f"data.tokenizer={prefix.parent / 'tokenizer'}",
-        f"data.sources=[{{path: {prefix}, weight: 1.0}}]", "train.steps=60", "train.lr=1e-2",
+        f"data.sources=[{{path: {prefix}, weight: 1.0}}]", "train.epochs=0", "train.steps=60", "train.lr=1e-2",
         "train.min_lr=1e-3", "train.warmup_steps=5", "train.eval_interval=30",
         "checkpoint.save_interval=60", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
