@@ -178,14 +178,6 @@ def _stack(samples: list[dict]) -> dict[str, torch.Tensor]:
             for key in keys if key in samples[0]}
 
 
-def microbatches(dataset: GPTDataset, plan: BatchPlan,
-                 consumed_samples: int) -> Iterator[dict[str, torch.Tensor]]:
-    """One global batch's micro-batches for this rank, as tensors (with the packed sequences'
-    attention mask where ``data.kind=sft`` packs them)."""
-    for i in range(plan.num_microbatches):
-        yield _stack([dataset[j] for j in plan.sample_indices(consumed_samples, i)])
-
-
 def sample_digest(position: int, tokens: Any) -> int:
     """CRC-32 of a sample's place in the data order and its tokens (< 2**32): summed over a
     global batch (exact in float64 up to 2**21 samples), equal sums mean the same samples in
@@ -195,7 +187,8 @@ def sample_digest(position: int, tokens: Any) -> int:
 
 
 class GlobalBatch:
-    """This rank's micro-batches of the global batch after ``consumed_samples`` samples, and
+    """This rank's micro-batches of the global batch after ``consumed_samples`` samples, as
+    tensors (with the packed sequences' attention mask where ``data.kind=sft`` packs them), and
     the digest of the samples it yielded. Only the rank that reads for its data-parallel
     replica (``counts``: first stage, TP and CP rank 0) counts them, so the digests summed over
     all ranks are the whole global batch's (``sample_digest``)."""

@@ -23,7 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from launch.eval_schema import EvalSource, eval_sources
 from launch.schema import RunConfig
 from megatron_ext import parallel
-from megatron_ext.data import BatchPlan, dataset_config, microbatches, sft_dataset
+from megatron_ext.data import BatchPlan, GlobalBatch, dataset_config, sft_dataset
 from megatron_ext.passes import SourcePasses
 from megatron_ext.step import forward_step
 
@@ -118,7 +118,8 @@ class Validator:
         with torch.no_grad():
             for i, (_, dataset) in enumerate(self._sources):
                 for batch in range(t.eval_iters):
-                    batches = microbatches(dataset, plan, batch * t.global_batch_size)
+                    batches = iter(GlobalBatch(dataset, plan, batch * t.global_batch_size,
+                                               counts=False))
                     losses = get_forward_backward_func()(
                         forward_step_func=forward_step, data_iterator=[batches] * len(model),
                         model=model, num_microbatches=plan.num_microbatches,
