@@ -29,9 +29,15 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 def read_payloads(path: Path) -> list[bytes]:
     """Every complete record of a run file, serialized; one cut off by a killed writer is
     left out."""
-    data, pos, parts, records = path.read_bytes(), _FILE_HEADER, [], []
+    data = path.read_bytes()
     if data[:4] != b":W&B":
         raise ValueError(f"{path} is not a W&B run file")
+    return parse_payloads(data)
+
+
+def parse_payloads(data: bytes) -> list[bytes]:
+    """``read_payloads`` of bytes read once (a writer may still be appending to the file)."""
+    pos, parts, records = _FILE_HEADER, [], []
     while pos + _CHUNK_HEADER <= len(data):
         left = _BLOCK - pos % _BLOCK
         _, length, kind = struct.unpack("<IHB", data[pos:pos + _CHUNK_HEADER])

@@ -15,7 +15,7 @@ from megatron_ext.env import RunEnv, slurm_ids
 from megatron_ext.metrics import (MetricsLogger, NullMetricsLogger, format_progress, layout_tag,
                                   panel_key, run_id, wandb_settings)
 from tests.conftest import make_config
-from megatron_ext.wandb_log import encode, read_payloads, rewind_offline_runs
+from megatron_ext.wandb_log import encode, parse_payloads, read_payloads, rewind_offline_runs
 from tests.wandb_records import history, of_type, offline_runs, wandb_records
 
 LAYOUT = Layout(tp=2, pp=1, cp=1, dp=2)
@@ -138,9 +138,11 @@ def test_each_attempt_is_its_own_run_and_together_they_hold_each_step_once(offli
 def test_a_rewound_run_file_is_what_wandb_core_would_have_written(offline):
     """Records longer than a 32 KiB block are split into chunks as wandb-core does."""
     _attempt(offline, 0, 5)
+    offline_runs(Path(offline.run_dir))  # wandb-core may still be writing after finish()
     path = next(Path(offline.run_dir).glob("wandb/offline-run-*/run-*.wandb"))
-    payloads, header = read_payloads(path), path.read_bytes()[:7]
-    assert encode(header, payloads) == path.read_bytes()
+    data = path.read_bytes()
+    payloads, header = parse_payloads(data), data[:7]
+    assert encode(header, payloads) == data
     big = [pb.Record(num=n, history=pb.HistoryRecord(item=[pb.HistoryItem(
         key="x", value_json="1" * 50000)])).SerializeToString() for n in (1, 2)]
     path.write_bytes(encode(header, payloads + big))
