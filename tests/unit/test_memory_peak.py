@@ -76,12 +76,15 @@ def test_one_rank_step_peak_matches_megatron_core_on_cpu() -> None:
 
 TWO_RANKS = (_cpu("full", 512, 1, "parallel.pp=2", "cluster.gpus_per_node=2", gbs=2),
              _cpu("none", 512, 2, "parallel.tp=2", "cluster.gpus_per_node=2"),
-             _cpu("selective", 512, 2, "parallel.cp=2", "cluster.gpus_per_node=2"))
+             _cpu("selective", 512, 2, "parallel.cp=2", "cluster.gpus_per_node=2"),
+             _cpu("none", 256, 1, "parallel.pp=2", "parallel.vpp=2", "model.num_layers=4",
+                  "cluster.gpus_per_node=2", gbs=4))
 
 
 @pytest.mark.slow
 def test_two_rank_layouts_step_peak_matches_megatron_core_on_cpu() -> None:
-    """PP=2 (two micro-batches through 1F1B), TP=2 and CP=2: the worst rank of each."""
+    """PP=2 (two micro-batches through 1F1B), TP=2, CP=2 and PP=2 x VPP=2 (four micro-batches
+    through the interleaved schedule, two chunks of two layers per rank): the worst rank."""
     _check(TWO_RANKS, _measure(TWO_RANKS, 2))
 
 
