@@ -74,11 +74,11 @@ wait_for_node() {
 [ "$(id -u)" -eq 0 ] || cannot "needs root (it starts munged, slurmctld and slurmd)"
 install_packages
 start_munge
-map_nodes
 if new_conf; then  # first start, or a cluster of another slurm.conf (e.g. the one-node one)
-  bash "$here/stop.sh" >/dev/null
+  bash "$here/stop.sh" >/dev/null  # it also removes the node names from /etc/hosts
   mv "$dir/slurm.conf.new" "$dir/slurm.conf"
 fi
+map_nodes  # after the stop: mapped before it, a fresh machine's first start ran unmapped
 alive "$dir/slurmctld.pid" || slurmctld -f "$SLURM_CONF"
 for node in "${nodes[@]}"; do
   mkdir -p "$dir/spool-$node"

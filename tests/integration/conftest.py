@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,15 @@ def slurm() -> Path:
     os.environ["SLURM_CONF"] = str(SLURM_DIR / "slurm.conf")  # sbatch, squeue, scontrol find it
     _cancel_leftover_jobs()
     return SLURM_DIR
+
+
+@pytest.fixture(autouse=True)
+def _slurm_jobs_end_with_their_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that fails while its job runs left the job holding a node, and every later
+    Slurm test then waited in the queue until its own deadline: one failure became many."""
+    yield
+    if "slurm" in request.fixturenames:
+        _cancel_leftover_jobs()
 
 
 def _cancel_leftover_jobs(timeout: float = 60) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +23,21 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 NODES = ("slurmllm-n1", "slurmllm-n2")  # slurm/local/slurm.conf.in
 TRAIN = ("train.steps=6", "train.warmup_steps=1", "train.log_interval=1",
          "train.reproducible_init=true", "checkpoint.save_interval=0")
+
+
+def test_a_first_start_leaves_the_node_names_resolving(slurm: Path) -> None:
+    """The ranks rendezvous on the first node's name. A first start (no cluster, or one of
+    another slurm.conf) stops the old daemons, and stop.sh removes the names from /etc/hosts:
+    start.sh mapped them before that, so on a fresh machine every job's rendezvous retried an
+    unresolvable name for minutes."""
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(slurm)}
+    subprocess.run(["bash", str(REPO / "slurm" / "local" / "stop.sh")], env=env, check=True,
+                   capture_output=True, timeout=60)
+    (slurm / "slurm.conf").unlink()  # as on a fresh machine: start.sh writes its conf anew
+    started = subprocess.run(["bash", str(REPO / "slurm" / "local" / "start.sh")], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert [socket.gethostbyname(node) for node in NODES] == ["127.0.0.1"] * len(NODES)
 
 
 def test_two_nodes_train_the_same_losses_as_one(slurm: Path, workdir: Path) -> None:
