@@ -26,20 +26,38 @@ def _batches(cfg: RunConfig, count: int) -> Iterator[dict[str, torch.Tensor]]:
                "loss_mask": torch.ones(b, s), "position_ids": torch.arange(s).expand(b, s)}
 
 
+HOST_BYTES = 64
+"""Allocations of at most this size are left out: scalars (Adam's step counters and megatron's
+RNG-tracker bookkeeping, which a GPU run keeps on the host, the loss and its token count), not
+modelled by the predictor."""
+
+
 def _peak_allocated(prof: torch.profiler.profile) -> int:
-    """The largest running total of the CPU allocator among the profiler's allocation records,
-    above the total before the first (the counter outlives a profiling session)."""
+    """The largest live total among the profiler's allocation records (this thread's).
+
+    Replayed from the records rather than read from the allocator's running total, which keeps
+    a tensor another thread freed (the last reference held by a gloo collective's Work): an
+    address allocated again while still live was freed unseen, so its old tensor is dropped.
+    Left out: the CPU generator states (``torch.get_rng_state()``, which megatron's checkpoint
+    and RNG tracker keep on the host in a GPU run too) and ``HOST_BYTES`` scalars."""
     from torch._C._profiler import _EventType
+    host = {torch.get_rng_state().numel()}
     records, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         stack.extend(node.children)
         if node.tag == _EventType.Allocation:
             fields = node.extra_fields
-            records.append((node.start_time_ns, fields.total_allocated, fields.alloc_size))
-    records.sort()
-    _, total, size = records[0]
-    return max(total for _, total, _ in records) - (total - size)
+            records.append((node.start_time_ns, fields.total_allocated, fields.ptr, fields.alloc_size))
+    live: dict[int, int] = {}
+    total = peak = 0
+    for _, _, ptr, size in sorted(records):  # the running total orders same-time records
+        total -= live.pop(ptr, 0)
+        if size > HOST_BYTES and size not in host:
+            live[ptr] = size
+            total += size
+        peak = max(peak, total)
+    return peak
 
 
 def step_peak(rank: int, port: int, cfg: RunConfig, steps: int = 2) -> int:
