@@ -21,10 +21,19 @@ from tests.conftest import REPO, make_config
 from tests.unit.megatron_forward import free_port
 from tests.unit.megatron_step_memory import step_peak
 
-CPU_OVER = 0.15
-"""The CPU prediction may be this much above the measured peak, never below it: the backward
-working set bounds a layer's gradients, and ``peak.RERUN_SCORES_BYTES`` is sized from the GPU
-rows; measured on CPU, without it a recomputed step is predicted up to 3% low."""
+CPU_OVER = 0.005
+"""The CPU prediction may be this much above the measured peak: ``peak`` accounts for the
+backward's peak tensor by tensor, which predicts every one-rank case, PP=2 and TP=2's worst
+rank to the byte (bar TP's 13 bytes per token below) and PP=2 x VPP=2 with its token ids of
+every in-flight chunk, an upper bound (+0.01%)."""
+TWO_RANK_UNDER = 0.02
+"""Two ranks only, the prediction may be this much below the measured peak: a tensor whose last
+reference gloo's worker thread drops (CP's gathered K and V and their gradients' all-reduce,
+TP's all-reduced logits) is never seen freed and stays counted until its address is reused,
+which varies by run: CP=2 reads 0.0-1.4% above its prediction after ``_measure``'s two passes
+(whole h- and kv-wide tensors of the extra K and V). TP's worst rank also keeps 9 bytes per
+token of the loss's int64 targets and bool mask through the backward (0.02%), not modelled:
+the records show them live, the code that holds them was not found."""
 H100_ROWS = REPO / "tests" / "data" / "memory_h100_calibration.jsonl"
 H100_ERROR = 0.05
 
@@ -43,7 +52,7 @@ ONE_RANK = (_cpu("none", 384, 1), _cpu("full", 512, 1), _cpu("selective", 512, 2
             _cpu("none", 512, 3))
 
 
-def _measure(configs: tuple[RunConfig, ...], ranks: int) -> list[list[int]]:
+def _measure_once(configs: tuple[RunConfig, ...], ranks: int) -> list[list[int]]:
     port = free_port()
     with ProcessPoolExecutor(ranks, mp_context=get_context("spawn")) as pool:
         out = []
@@ -54,7 +63,15 @@ def _measure(configs: tuple[RunConfig, ...], ranks: int) -> list[list[int]]:
     return out
 
 
-def _check(configs: tuple[RunConfig, ...], measured: list[list[int]]) -> None:
+def _measure(configs: tuple[RunConfig, ...], ranks: int, passes: int = 2) -> list[list[int]]:
+    """Each rank's peak per config, the lower of ``passes`` runs in fresh processes: a tensor
+    whose last reference a gloo worker thread drops is never seen freed (the records are the
+    main thread's), and stays counted until its address is reused; which ones, varies by run."""
+    runs = [_measure_once(configs, ranks) for _ in range(passes)]
+    return [[min(peaks) for peaks in zip(*per_run)] for per_run in zip(*runs)]
+
+
+def _check(configs: tuple[RunConfig, ...], measured: list[list[int]], under: float = 0.0) -> None:
     wrong = []
     print(f"\n{'case':<40} {'measured B':>11} {'predicted B':>11} {'error':>7}")
     for cfg, per_rank in zip(configs, measured):
@@ -64,7 +81,7 @@ def _check(configs: tuple[RunConfig, ...], measured: list[list[int]]) -> None:
         predicted = predict(cfg, derive_layout(cfg)).allocated_gib * GIB
         error = predicted / max(per_rank) - 1
         print(f"{name:<40} {max(per_rank):>11,} {predicted:>11,.0f} {error:>+7.1%}")
-        if not 0 <= error <= CPU_OVER:
+        if not -under <= error <= CPU_OVER:
             wrong.append((name, error))
     assert not wrong, wrong
 
@@ -84,8 +101,8 @@ TWO_RANKS = (_cpu("full", 512, 1, "parallel.pp=2", "cluster.gpus_per_node=2", gb
 @pytest.mark.slow
 def test_two_rank_layouts_step_peak_matches_megatron_core_on_cpu() -> None:
     """PP=2 (two micro-batches through 1F1B), TP=2, CP=2 and PP=2 x VPP=2 (four micro-batches
-    through the interleaved schedule, two chunks of two layers per rank): the worst rank."""
-    _check(TWO_RANKS, _measure(TWO_RANKS, 2))
+    through the interleaved schedule, two chunks of one layer per rank): the worst rank."""
+    _check(TWO_RANKS, _measure(TWO_RANKS, 2), under=TWO_RANK_UNDER)
 
 
 def _h100_config(row: dict) -> RunConfig:
@@ -146,7 +163,7 @@ def test_recompute_adds_the_rerun_and_its_gradients_to_the_peak() -> None:
     assert scores == 16 * 2 * 8192 * 8192
     assert peak.score_buffer_bytes(cfg, layout, 2) == 2 * scores  # bf16, kept all run
     working = peak.backward_working_bytes(cfg, layout, 2, "full")
-    assert working > (peak.SOFTMAX_BACKWARD_BYTES + peak.RERUN_SCORES_BYTES) * scores
+    assert working > (peak.SCORE_PEAK_BYTES[2] + peak.RERUN_SCORES_BYTES) * scores
 
 
 def test_the_optimizer_step_is_a_phase_of_its_own() -> None:
