@@ -24,16 +24,14 @@ from tests.unit.megatron_step_memory import step_peak
 CPU_OVER = 0.005
 """The CPU prediction may be this much above the measured peak: ``peak`` accounts for the
 backward's peak tensor by tensor, which predicts every one-rank case, PP=2 and TP=2's worst
-rank to the byte (bar TP's 13 bytes per token below) and PP=2 x VPP=2 with its token ids of
+rank to the byte (bar TP's all-reduced logits below) and PP=2 x VPP=2 with its token ids of
 every in-flight chunk, an upper bound (+0.01%)."""
 TWO_RANK_UNDER = 0.02
 """Two ranks only, the prediction may be this much below the measured peak: a tensor whose last
 reference gloo's worker thread drops (CP's gathered K and V and their gradients' all-reduce,
-TP's all-reduced logits) is never seen freed and stays counted until its address is reused,
-which varies by run: CP=2 reads 0.0-1.4% above its prediction after ``_measure``'s two passes
-(whole h- and kv-wide tensors of the extra K and V). TP's worst rank also keeps 9 bytes per
-token of the loss's int64 targets and bool mask through the backward (0.02%), not modelled:
-the records show them live, the code that holds them was not found."""
+TP's all-reduced logits, 4 bytes per token) is never seen freed and stays counted until its
+address is reused, which varies by run: CP=2 reads 0.0-1.4% above its prediction after
+``_measure``'s two passes (whole h- and kv-wide tensors of the extra K and V)."""
 H100_ROWS = REPO / "tests" / "data" / "memory_h100_calibration.jsonl"
 H100_ERROR = 0.05
 
