@@ -237,7 +237,8 @@ def saved_activation_bytes(cfg: RunConfig, layout: Layout, b: int, recompute: st
     With full recomputation only the input of each checkpointed group of
     ``recompute_num_layers`` layers (s b h e, /t with SP; megatron needs the groups to tile each
     model chunk) plus RoPE's fp32 frequencies the checkpoints share (4 s d). First stage: the
-    int64 token ids, 8 s b per in-flight micro-batch. Last stage: the final norm
+    int64 token ids, 8 s b per in-flight micro-batch, and with TP the vocab-parallel embedding's
+    masked int64 ids and bool out-of-range mask it saves, 9 s b more. Last stage: the final norm
     (``norm_bytes``), the fp32 logits megatron's cross entropy keeps (its softmax, computed in
     place: 4 V / t per token) and its int64 targets and bool mask (9 per token).
     """
@@ -252,7 +253,7 @@ def saved_activation_bytes(cfg: RunConfig, layout: Layout, b: int, recompute: st
     else:
         out = layers * layer_saved_bytes(cfg, layout, b, recompute)
     if first:
-        out += 8 * s * b * min(layout.pp, micro_batches)
+        out += (8 + (9 if t > 1 else 0)) * s * b * min(layout.pp, micro_batches)
     if last:
         out += s * b * (norm_bytes(cfg, layout) + 4 * padded_vocab_size(m, t) / t + 9)
     return out

@@ -21,10 +21,12 @@ from tests.conftest import REPO, make_config
 from tests.unit.megatron_forward import free_port
 from tests.unit.megatron_step_memory import step_peak
 
-CPU_OVER = 0.15
-"""The CPU prediction may be this much above the measured peak, never below it: the backward
-working set bounds a layer's gradients, and ``peak.RERUN_SCORES_BYTES`` is sized from the GPU
-rows; measured on CPU, without it a recomputed step is predicted up to 3% low."""
+CPU_OVER = 0.005
+"""The CPU prediction may be this much above the measured peak's upper bound, and never below
+its lower bound (``megatron_step_memory._peak_bounds``: the two differ by the tensors a gloo
+worker thread freed unseen, two-rank layouts only). ``peak`` accounts for the backward's peak
+tensor by tensor, which predicts every one-rank case, PP=2 and TP=2's worst rank to the byte and
+PP=2 x VPP=2 with its token ids of every in-flight chunk, an upper bound (+0.01%)."""
 H100_ROWS = REPO / "tests" / "data" / "memory_h100_calibration.jsonl"
 H100_ERROR = 0.05
 
@@ -43,7 +45,8 @@ ONE_RANK = (_cpu("none", 384, 1), _cpu("full", 512, 1), _cpu("selective", 512, 2
             _cpu("none", 512, 3))
 
 
-def _measure(configs: tuple[RunConfig, ...], ranks: int) -> list[list[int]]:
+def _measure(configs: tuple[RunConfig, ...], ranks: int) -> list[list[tuple[int, int]]]:
+    """Each rank's (lower, upper) bounds of its peak, per config."""
     port = free_port()
     with ProcessPoolExecutor(ranks, mp_context=get_context("spawn")) as pool:
         out = []
@@ -54,18 +57,21 @@ def _measure(configs: tuple[RunConfig, ...], ranks: int) -> list[list[int]]:
     return out
 
 
-def _check(configs: tuple[RunConfig, ...], measured: list[list[int]]) -> None:
+def _check(configs: tuple[RunConfig, ...], measured: list[list[tuple[int, int]]]) -> None:
+    """The worst rank's prediction within [lower, upper x (1 + CPU_OVER)] of its measured peak."""
     wrong = []
-    print(f"\n{'case':<40} {'measured B':>11} {'predicted B':>11} {'error':>7}")
+    print(f"\n{'case':<46} {'measured B (bounds)':>23} {'predicted B':>11} {'error':>7}")
     for cfg, per_rank in zip(configs, measured):
         t = cfg.train
         name = (f"{derive_layout(cfg).describe()} s={t.seq_length} b={t.micro_batch_size} "
                 f"{t.recompute}")
+        lower, upper = max(low for low, _ in per_rank), max(up for _, up in per_rank)
         predicted = predict(cfg, derive_layout(cfg)).allocated_gib * GIB
-        error = predicted / max(per_rank) - 1
-        print(f"{name:<40} {max(per_rank):>11,} {predicted:>11,.0f} {error:>+7.1%}")
-        if not 0 <= error <= CPU_OVER:
-            wrong.append((name, error))
+        error = predicted / upper - 1
+        bounds = f"{upper:,}" if lower == upper else f"{lower:,}-{upper:,}"
+        print(f"{name:<46} {bounds:>23} {predicted:>11,.0f} {error:>+7.2%}")
+        if not lower <= predicted <= upper * (1 + CPU_OVER):
+            wrong.append((name, lower, upper, predicted))
     assert not wrong, wrong
 
 
@@ -84,7 +90,7 @@ TWO_RANKS = (_cpu("full", 512, 1, "parallel.pp=2", "cluster.gpus_per_node=2", gb
 @pytest.mark.slow
 def test_two_rank_layouts_step_peak_matches_megatron_core_on_cpu() -> None:
     """PP=2 (two micro-batches through 1F1B), TP=2, CP=2 and PP=2 x VPP=2 (four micro-batches
-    through the interleaved schedule, two chunks of two layers per rank): the worst rank."""
+    through the interleaved schedule, two chunks of one layer per rank): the worst rank."""
     _check(TWO_RANKS, _measure(TWO_RANKS, 2))
 
 
@@ -146,7 +152,7 @@ def test_recompute_adds_the_rerun_and_its_gradients_to_the_peak() -> None:
     assert scores == 16 * 2 * 8192 * 8192
     assert peak.score_buffer_bytes(cfg, layout, 2) == 2 * scores  # bf16, kept all run
     working = peak.backward_working_bytes(cfg, layout, 2, "full")
-    assert working > (peak.SOFTMAX_BACKWARD_BYTES + peak.RERUN_SCORES_BYTES) * scores
+    assert working > (peak.SCORE_PEAK_BYTES[2] + peak.RERUN_SCORES_BYTES) * scores
 
 
 def test_the_optimizer_step_is_a_phase_of_its_own() -> None:
