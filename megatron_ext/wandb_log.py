@@ -29,14 +29,13 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 def read_payloads(path: Path) -> list[bytes]:
     """Every complete record of a run file, serialized; one cut off by a killed writer is
     left out."""
-    data = path.read_bytes()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{path} is not a W&B run file")
-    return parse_payloads(data)
+    return parse_payloads(path.read_bytes(), str(path))
 
 
-def parse_payloads(data: bytes) -> list[bytes]:
+def parse_payloads(data: bytes, name: str = "the data") -> list[bytes]:
     """``read_payloads`` of bytes read once (a writer may still be appending to the file)."""
+    if data[:4] != b":W&B":
+        raise ValueError(f"{name} is not a W&B run file")
     pos, parts, records = _FILE_HEADER, [], []
     while pos + _CHUNK_HEADER <= len(data):
         left = _BLOCK - pos % _BLOCK
@@ -53,7 +52,11 @@ def parse_payloads(data: bytes) -> list[bytes]:
 
 
 def read_records(path: Path) -> list[pb.Record]:
-    return [pb.Record.FromString(payload) for payload in read_payloads(path)]
+    return parse_records(path.read_bytes(), str(path))
+
+
+def parse_records(data: bytes, name: str = "the data") -> list[pb.Record]:
+    return [pb.Record.FromString(payload) for payload in parse_payloads(data, name)]
 
 
 def encode(header: bytes, payloads: list[bytes]) -> bytes:
@@ -100,8 +103,9 @@ def rewind_offline_runs(folders: list[Path], step: int) -> int:
     """
     dropped = 0
     for path in sorted(p for folder in folders for p in folder.glob("run-*.wandb")):
+        data = path.read_bytes()  # once: the header written back is that of the bytes parsed
         try:
-            records = read_records(path)
+            records = parse_records(data, str(path))
         except (ValueError, struct.error, DecodeError) as exc:  # another wandb's format
             log.warning("W&B: %s left as is (%s): its rows after step %d stay, and syncing "
                         "it beside the resumed attempt shows those steps twice", path, exc, step)
@@ -112,7 +116,7 @@ def rewind_offline_runs(folders: list[Path], step: int) -> int:
         if not rows:
             continue
         tmp = path.with_suffix(".rewind")
-        tmp.write_bytes(encode(path.read_bytes()[:_FILE_HEADER],
+        tmp.write_bytes(encode(data[:_FILE_HEADER],
                               [record.SerializeToString() for record in kept]))
         os.replace(tmp, path)  # atomic: a crash here leaves the old file or the new one
         log.info("W&B: %s rewound to step %d (%d rows of rerun steps dropped)",
