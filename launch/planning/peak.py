@@ -201,8 +201,7 @@ def schedule_bytes(cfg: RunConfig, layout: Layout, b: int, recompute: str, *,
     stage also holds the micro-batch's token ids of all s tokens, before the split to s / c."""
     p, v = layout.pp, layout.vpp
     s = cfg.train.seq_length / layout.cp
-    residual = s * b * cfg.model.hidden_size * activation_element_bytes(cfg.train.precision)
-    residual /= layout.tp if layout.sp else 1
+    residual = s * b * _token_widths(cfg, layout)[0]
     tokens = 8 * cfg.train.seq_length * b if first and layout.cp > 1 else 0.0
     if p == 1:
         return tokens, 0.0
